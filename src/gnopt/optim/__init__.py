@@ -1,0 +1,46 @@
+"""gnopt.optim — Gauss-Newton optimizers for any ``nn.Module`` (the library; no harness imports).
+
+Typical use::
+
+    from gnopt.optim import GaussNewton, SoftmaxCrossEntropy, LineSearch, InnerSchedule, MuonAdamW
+
+    gn = GaussNewton(model, SoftmaxCrossEntropy(), inner_steps=16,
+                     inner=MuonAdamW(lr=0.01, adam_lr=1e-3),
+                     line_search=LineSearch(ls_range=5),
+                     schedule=InnerSchedule("constant_with_inner_cosine", total_outer_steps=100,
+                                            inner_steps=16))
+    for t in range(100):
+        record = gn.step(batches)        # batches yields (inputs, targets) micro-batches
+        print(record.loss, record.alpha, record.rho)
+"""
+
+from gnopt.optim.gauss_newton import MODES, GaussNewton, GNStepRecord, conjugate_gradient
+from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain, TorchOptimizer
+from gnopt.optim.line_search import LineSearch
+from gnopt.optim.linearize import jvp, linearized_pass
+from gnopt.optim.losses import AutogradLoss, LocalLoss, MSELoss, OutputLoss, SoftmaxCrossEntropy
+from gnopt.optim.partition import Partition
+from gnopt.optim.schedules import InnerSchedule, lr_multiplier
+
+__all__ = [
+    "CG",
+    "MODES",
+    "AutogradLoss",
+    "GNStepRecord",
+    "GaussNewton",
+    "InnerOptimizer",
+    "InnerSchedule",
+    "LineSearch",
+    "LocalLoss",
+    "MSELoss",
+    "MuonAdamW",
+    "OptimizerChain",
+    "OutputLoss",
+    "Partition",
+    "SoftmaxCrossEntropy",
+    "TorchOptimizer",
+    "conjugate_gradient",
+    "jvp",
+    "linearized_pass",
+    "lr_multiplier",
+]

@@ -1,0 +1,583 @@
+"""Gauss-Newton optimizers: full GN, GN-prox-linear and layerwise GN for any ``nn.Module``.
+
+One outer step t (the paper's Algorithm, as its code runs it; ../shared/design/gauss-newton.md):
+
+    θ_t  ← the model's parameters (the linearization point)
+    for each block b of the partition (one block = full GN):
+        θ̂_b starts where block b's last inner loop ended (warm start) or at θ_t (reset)
+    for i = 1 … N, on a fresh micro-batch B_i:
+        for each block b (Jacobi: every block linearized at θ_t, the others frozen):
+            Δ = θ̂_b − θ_t,b ;  z₀ = f(θ_t; B_i) ;  u = J_b Δ
+            gn:          grad = J_bᵀ (g_z + H_z u)        (gradient of the GN quadratic model)
+            prox_linear: grad = J_bᵀ ∇L(z₀ + u)           (gradient of the loss of the linearized model)
+            grad += (λ + μ) Δ ;  clip ;  θ̂_b ← inner_optimizer_b.step(grad)
+    d = θ̂ − θ_t
+    α* = argmin over α ∈ {(1/√2)^k} of L(θ_t + α d) on N fresh micro-batches (finite values only)
+    θ_{t+1} = θ_t + α* d          (no finite candidate: θ_{t+1} = θ_t, the step is rejected)
+
+With the :class:`~gnopt.optim.inner.CG` solver the inner loop is replaced by conjugate gradients on
+(G + λI) d = −g over N fixed micro-batches (per block for layerwise GN).
+
+The pieces are separate modules: products (:mod:`.linearize`), losses (:mod:`.losses`), inner solvers
+(:mod:`.inner`), line search (:mod:`.line_search`), schedules (:mod:`.schedules`), partitions
+(:mod:`.partition`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gnopt.errors import GnoptError
+from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain
+from gnopt.optim.line_search import LineSearch, select
+from gnopt.optim.linearize import call, jvp, linearized_pass
+from gnopt.optim.losses import OutputLoss
+from gnopt.optim.partition import Partition
+from gnopt.optim.schedules import InnerSchedule
+
+MODES: tuple[str, ...] = ("gn", "prox_linear")
+Batch = tuple[Any, Tensor]
+Dict = dict[str, Tensor]
+
+# Forward+backward-equivalent cost of each kind of pass (a forward is 1/3 of a training step).
+_FWD = 1.0 / 3.0
+_TANGENT = 2.0 / 3.0
+_BWD = 2.0 / 3.0
+
+
+@dataclass
+class GNStepRecord:
+    """What one outer step did. ``loss`` is the mean loss at θ_t over the inner micro-batches.
+
+    ``q_start`` / ``q_end`` are the model's value minus the loss at θ_t (the model decrease, summed over
+    blocks) at the first and last inner step: a warm-started inner iterate that is already worse than θ_t
+    under the model shows up as ``q_start > 0``.
+    """
+
+    step: int
+    loss: float
+    mode: str
+    alpha: float | None
+    rejected: bool
+    alphas: list[float]
+    ls_losses: list[float]
+    ls_loss_at_theta: float | None = None
+    predicted_decrease: float | None = None
+    actual_decrease: float | None = None
+    rho: float | None = None
+    q_start: float | None = None
+    q_end: float | None = None
+    inner_grad_norm_first: float | None = None
+    inner_grad_norm_last: float | None = None
+    inner_grad_norm_mean: float | None = None
+    inner_nonfinite: int = 0
+    lr_factor: float | None = None
+    direction_norm: float = 0.0
+    reset_inner: bool = False
+    damping: float = 0.0
+    cg_iters: list[int] = field(default_factory=list)
+    cg_rel_residual: list[float] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)
+    time_inner: float = 0.0
+    time_line_search: float = 0.0
+    train_micro_batches: int = 0
+    ls_micro_batches: int = 0
+    train_tokens: int = 0
+    ls_tokens: int = 0
+    passes: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Block:
+    """Inner state of one block: its names, the inner iterate θ̂ and the inner optimizer."""
+
+    def __init__(self, label: str, names: tuple[str, ...]) -> None:
+        self.label = label
+        self.names = names
+        self.theta_hat: Dict = {}
+        self.optimizer: torch.optim.Optimizer | OptimizerChain | None = None
+        self.at_origin = True  # θ̂ == θ_t exactly: the tangent is zero and can be skipped
+
+
+def _dot(a: Dict, b: Dict) -> Tensor:
+    return sum((torch.vdot(a[n].reshape(-1), b[n].reshape(-1)) for n in a), torch.zeros(()))
+
+
+def _norm(a: Dict) -> float:
+    return math.sqrt(sum(float(v.pow(2).sum()) for v in a.values()))
+
+
+def _all_finite(a: Dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in a.values())
+
+
+class GaussNewton:
+    """Gauss-Newton optimizer bound to a model and an output-space loss.
+
+    Args:
+        model: any ``nn.Module``; ``model(inputs)`` gives the outputs the loss consumes. Its parameters are
+            θ_t and are updated in place by :meth:`step`.
+        loss: an :class:`~gnopt.optim.losses.OutputLoss` (``SoftmaxCrossEntropy``, ``MSELoss``, ...).
+        inner_steps: N, micro-batches per inner loop (the GN batch is N micro-batches).
+        mode: ``"gn"`` (quadratic model) or ``"prox_linear"`` (real loss of the linearized model).
+        inner: a first-order :class:`~gnopt.optim.inner.InnerOptimizer` (default: the paper's Muon+AdamW)
+            or :class:`~gnopt.optim.inner.CG`.
+        partition: ``None``/``"full"`` (full GN), ``"transformer"`` (the paper's layerwise blocks), or a
+            :class:`~gnopt.optim.partition.Partition`.
+        line_search: :class:`~gnopt.optim.line_search.LineSearch` settings.
+        schedule: inner learning-rate multiplier ``(t, i) -> float``, e.g. an
+            :class:`~gnopt.optim.schedules.InnerSchedule`; default constant 1.
+        warm_start: keep θ̂ and the inner optimizer state across outer steps (paper default).
+        damping: Levenberg-Marquardt λ: minimizes the model + λ‖Δ‖²/2 (CG solves (G + λI) d = −g).
+        adapt_damping: adjust λ from ρ = actual/predicted decrease (×2/3 if ρ > 3/4, ×3/2 if ρ < 1/4).
+        prox: proximal weight μ: adds μ‖θ̂ − θ_t‖²/2 to the inner objective (fixed).
+        ema_decay: keep an exponential moving average of the outer iterates (``None``: off).
+        inner_clip: clip each block's inner gradient to this global norm (``None``/0: off).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: OutputLoss,
+        *,
+        inner_steps: int,
+        mode: str = "gn",
+        inner: InnerOptimizer | CG | None = None,
+        partition: Partition | str | None = None,
+        line_search: LineSearch | None = None,
+        schedule: Callable[[int, int], float] | None = None,
+        warm_start: bool = True,
+        damping: float = 0.0,
+        adapt_damping: bool = False,
+        prox: float = 0.0,
+        ema_decay: float | None = None,
+        inner_clip: float | None = 1.0,
+    ) -> None:
+        if mode not in MODES:
+            raise GnoptError(f"unknown GN mode {mode!r}; choose one of {', '.join(MODES)}")
+        if inner_steps < 1:
+            raise GnoptError(f"inner_steps must be >= 1, got {inner_steps}")
+        if damping < 0 or prox < 0:
+            raise GnoptError(f"damping and prox must be >= 0, got {damping}, {prox}")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise GnoptError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+        inner = inner if inner is not None else MuonAdamW()
+        if isinstance(inner, CG) and mode != "gn":
+            raise GnoptError("the CG inner solver solves the quadratic GN model: use mode='gn'")
+        if adapt_damping and damping <= 0:
+            raise GnoptError("adapt_damping needs a positive initial damping")
+        self.model = model
+        self.loss = loss
+        self.inner_steps = inner_steps
+        self.mode = mode
+        self.inner = inner
+        self.line_search = line_search or LineSearch()
+        if adapt_damping and not self.line_search.model_decrease:
+            raise GnoptError("adapt_damping needs the line search's model_decrease=True (it uses ρ)")
+        self.schedule = schedule or InnerSchedule(kind="constant")
+        self.warm_start = warm_start
+        self.damping = float(damping)
+        self.adapt_damping = adapt_damping
+        self.prox = float(prox)
+        self.ema_decay = ema_decay
+        self.inner_clip = inner_clip if inner_clip else None
+
+        if partition is None or partition == "full":
+            part = Partition.full(model)
+        elif partition == "transformer":
+            part = Partition.transformer(model)
+        elif isinstance(partition, Partition):
+            part = partition.validate(model)
+        else:
+            raise GnoptError(f"partition must be None, 'full', 'transformer' or a Partition, got {partition!r}")
+        self.partition = part
+        self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
+        self._blocks = [_Block(label, names) for label, names in zip(part.labels, part.blocks, strict=True)]
+        for blk in self._blocks:
+            self._reset_block(blk, fresh_optimizer=True)
+        self._t = 0
+        self._ema: Dict | None = None
+
+    # ------------------------------------------------------------------ the outer step
+    def step(self, batches: Iterator[Batch]) -> GNStepRecord:
+        """One outer step: N inner micro-batches, then the line search (N more by default)."""
+        theta = self._theta()
+        rec = GNStepRecord(step=self._t, loss=float("nan"), mode=self.mode, alpha=None, rejected=False,
+                           alphas=[], ls_losses=[], damping=self.damping)
+        t0 = time.perf_counter()
+        inner_batches = [self._next(batches) for _ in range(self.inner_steps)] if self._keep_batches() else None
+        if isinstance(self.inner, CG):
+            assert inner_batches is not None
+            self._solve_cg(theta, inner_batches, rec)
+        else:
+            self._inner_loop(theta, batches, inner_batches, rec)
+        rec.time_inner = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        direction = {n: blk.theta_hat[n].detach() - theta[n] for blk in self._blocks for n in blk.names}
+        rec.direction_norm = _norm(direction)
+        if self.line_search.source == "inner":
+            assert inner_batches is not None
+            ls_batches = inner_batches
+        else:
+            n_ls = self.line_search.num_batches or self.inner_steps
+            ls_batches = [self._next(batches) for _ in range(n_ls)]
+            rec.ls_micro_batches = n_ls
+            rec.ls_tokens = sum(self.loss.count(y) for _, y in ls_batches)
+        alpha = self._line_search(theta, direction, ls_batches, rec)
+        rec.time_line_search = time.perf_counter() - t1
+
+        self._finish(theta, direction, alpha, rec)
+        self._t += 1
+        return rec
+
+    # ------------------------------------------------------------------ inner loop (first-order)
+    def _inner_loop(
+        self, theta: Dict, batches: Iterator[Batch], kept: list[Batch] | None, rec: GNStepRecord
+    ) -> None:
+        q_first: list[float] = []
+        q_last: list[float] = []
+        norms: list[float] = []
+        losses: list[float] = []
+        block_seconds = [0.0] * len(self._blocks)
+        for i in range(self.inner_steps):
+            x, y = kept[i] if kept is not None else self._next(batches)
+            rec.train_micro_batches += 1
+            rec.train_tokens += self.loss.count(y)
+            factor = float(self.schedule(self._t, i))
+            rec.lr_factor = factor
+            for k, blk in enumerate(self._blocks):
+                tb = time.perf_counter()
+                loss0, q_minus_loss0, gnorm = self._inner_step(blk, theta, x, y, factor, rec)
+                block_seconds[k] += time.perf_counter() - tb
+                if k == 0:
+                    losses.append(loss0)
+                if i == 0:
+                    q_first.append(q_minus_loss0)
+                if i == self.inner_steps - 1:
+                    q_last.append(q_minus_loss0)
+                norms.append(gnorm)
+        rec.loss = sum(losses) / len(losses)
+        rec.q_start, rec.q_end = sum(q_first), sum(q_last)
+        finite = [g for g in norms if math.isfinite(g)]
+        rec.inner_grad_norm_first = norms[0]
+        rec.inner_grad_norm_last = norms[-1]
+        rec.inner_grad_norm_mean = sum(finite) / len(finite) if finite else float("nan")
+        rec.block_seconds = block_seconds
+
+    def _inner_step(
+        self, blk: _Block, theta: Dict, x: Any, y: Tensor, factor: float, rec: GNStepRecord
+    ) -> tuple[float, float, float]:
+        """One inner step of one block; returns (L(θ_t), model value − L(θ_t), inner grad norm)."""
+        delta = None if blk.at_origin else {n: blk.theta_hat[n].detach() - theta[n] for n in blk.names}
+        out: dict[str, Tensor] = {}
+
+        def cotangent(z0: Tensor, u: Tensor | None) -> Tensor:
+            loc = self.loss.local(z0, y)
+            out["loss0"] = loc.value
+            if u is None:
+                out["model"] = loc.value
+                return loc.grad
+            if self.mode == "gn":
+                hu = loc.hvp(u)
+                out["model"] = loc.value + (loc.grad * u).sum() + 0.5 * (u * hu).sum()
+                return loc.grad + hu
+            value, grad = self.loss.value_and_grad(z0 + u, y)
+            out["model"] = value
+            return grad
+
+        _, _, grads = linearized_pass(self.model, theta, x, tangent=delta, wrt=blk.names, cotangent=cotangent)
+        rec.passes += _FWD + _BWD + (0.0 if delta is None else _TANGENT)
+        reg = self.damping + self.prox
+        model_value = float(out["model"])
+        if reg and delta is not None:
+            for n in blk.names:
+                grads[n].add_(delta[n], alpha=reg)
+            model_value += 0.5 * reg * float(_dot(delta, delta))
+        gnorm = _norm(grads)
+        loss0 = float(out["loss0"])
+        if not math.isfinite(gnorm):
+            rec.inner_nonfinite += 1  # skip this update: θ̂ is never corrupted by a bad micro-batch
+            return loss0, model_value - loss0, gnorm
+        scale = self.inner_clip / gnorm if self.inner_clip and gnorm > self.inner_clip else 1.0
+        for n in blk.names:
+            blk.theta_hat[n].grad = grads[n].mul_(scale) if scale != 1.0 else grads[n]
+        assert blk.optimizer is not None
+        for g in blk.optimizer.param_groups:
+            g["lr"] = g["peak_lr"] * factor
+        blk.optimizer.step()
+        blk.optimizer.zero_grad(set_to_none=True)
+        blk.at_origin = False
+        return loss0, model_value - loss0, gnorm
+
+    # ------------------------------------------------------------------ inner solve (CG)
+    def _solve_cg(self, theta: Dict, batches: list[Batch], rec: GNStepRecord) -> None:
+        assert isinstance(self.inner, CG)
+        nb = len(batches)
+        rec.train_micro_batches = nb
+        rec.train_tokens = sum(self.loss.count(y) for _, y in batches)
+        losses: list[float] = []
+        reg = self.damping + self.prox
+        for blk in self._blocks:
+            tb = time.perf_counter()
+            names = blk.names
+            g = {n: torch.zeros_like(theta[n]) for n in names}
+            for x, y in batches:
+                loc_holder: dict[str, Tensor] = {}
+
+                def grad_cot(z0: Tensor, u: Tensor | None, y: Tensor = y, h: dict = loc_holder) -> Tensor:
+                    loc = self.loss.local(z0, y)
+                    h["v"] = loc.value
+                    return loc.grad
+
+                _, _, gb = linearized_pass(self.model, theta, x, tangent=None, wrt=names, cotangent=grad_cot)
+                rec.passes += _FWD + _BWD
+                if blk is self._blocks[0]:
+                    losses.append(float(loc_holder["v"]))
+                for n in names:
+                    g[n].add_(gb[n], alpha=1.0 / nb)
+
+            def gv(v: Dict) -> Dict:
+                acc = {n: torch.zeros_like(theta[n]) for n in names}
+                for x, y in batches:
+                    def hv_cot(z0: Tensor, u: Tensor | None, y: Tensor = y) -> Tensor:
+                        assert u is not None
+                        return self.loss.local(z0, y).hvp(u)
+
+                    _, _, pb = linearized_pass(self.model, theta, x, tangent=v, wrt=names, cotangent=hv_cot)
+                    rec.passes += _FWD + _TANGENT + _BWD
+                    for n in names:
+                        acc[n].add_(pb[n], alpha=1.0 / nb)
+                if reg:
+                    for n in names:
+                        acc[n].add_(v[n], alpha=reg)
+                return acc
+
+            sol, iters, rel = conjugate_gradient(gv, {n: -v for n, v in g.items()}, self.inner.tol,
+                                                 self.inner.max_iters)
+            rec.cg_iters.append(iters)
+            rec.cg_rel_residual.append(rel)
+            with torch.no_grad():
+                if _all_finite(sol):
+                    for n in names:
+                        blk.theta_hat[n].copy_(theta[n] + sol[n])
+                else:
+                    rec.inner_nonfinite += 1
+                    for n in names:
+                        blk.theta_hat[n].copy_(theta[n])
+            blk.at_origin = False
+            rec.block_seconds.append(time.perf_counter() - tb)
+        rec.loss = sum(losses) / len(losses)
+
+    # ------------------------------------------------------------------ line search
+    @torch.no_grad()
+    def _line_search(self, theta: Dict, d: Dict, batches: list[Batch], rec: GNStepRecord) -> float | None:
+        ls = self.line_search
+        alphas = ls.alphas()
+        nb = len(batches)
+        m1 = m2 = 0.0  # GN model along d: q(α) − L0 = α·m1 + α²/2·m2   (averaged over batches)
+        prox_models: list[tuple[Tensor, Tensor, Tensor]] = []
+        loss_at_theta: float | None = None
+        if ls.model_decrease:
+            total = 0.0
+            for x, y in batches:
+                z0, u = jvp(self.model, theta, x, d)
+                rec.passes += _FWD + _TANGENT
+                loc = self.loss.local(z0, y)
+                total += float(loc.value)
+                m1 += float((loc.grad * u).sum()) / nb
+                m2 += float((u * loc.hvp(u)).sum()) / nb
+                if self.mode == "prox_linear":
+                    prox_models.append((z0, u, y))
+            loss_at_theta = total / nb
+        losses: list[float] = []
+        for a in alphas:
+            if a == 0.0 and loss_at_theta is not None:
+                losses.append(loss_at_theta)
+                continue
+            params = {n: theta[n] + a * d[n] for n in theta} if a != 0.0 else theta
+            total = 0.0
+            for x, y in batches:
+                total += float(self.loss.value(call(self.model, params, x), y))
+                rec.passes += _FWD
+            losses.append(total / nb)
+        rec.alphas, rec.ls_losses, rec.ls_loss_at_theta = alphas, losses, loss_at_theta
+        k = select(alphas, losses)
+        if k is None:
+            rec.rejected = True
+            return None
+        alpha = alphas[k]
+        rec.alpha = alpha
+        if loss_at_theta is not None:
+            rec.actual_decrease = loss_at_theta - losses[k]
+            if self.mode == "gn":
+                predicted = -(alpha * m1 + 0.5 * alpha * alpha * m2)
+            else:
+                predicted = loss_at_theta - sum(
+                    float(self.loss.value(z0 + alpha * u, y)) for z0, u, y in prox_models
+                ) / nb
+            rec.predicted_decrease = predicted
+            rec.rho = rec.actual_decrease / predicted if predicted != 0 else None
+        return alpha
+
+    # ------------------------------------------------------------------ after the line search
+    @torch.no_grad()
+    def _finish(self, theta: Dict, d: Dict, alpha: float | None, rec: GNStepRecord) -> None:
+        if alpha is None:
+            # Nothing finite: θ stays, and the inner solver restarts from θ_t with fresh state.
+            for blk in self._blocks:
+                self._reset_block(blk, fresh_optimizer=True)
+            rec.reset_inner = True
+            return
+        if alpha != 0.0:
+            for n, p in self._params.items():
+                if n in d:
+                    p.add_(d[n], alpha=alpha)
+        if not self.warm_start:
+            for blk in self._blocks:
+                self._reset_block(blk, fresh_optimizer=True)
+            rec.reset_inner = True
+        elif self.line_search.reset_below is not None and alpha < self.line_search.reset_below:
+            for blk in self._blocks:
+                self._reset_block(blk, fresh_optimizer=False)
+            rec.reset_inner = True
+        if self.adapt_damping and rec.rho is not None:
+            if rec.rho > 0.75:
+                self.damping *= 2.0 / 3.0
+            elif rec.rho < 0.25:
+                self.damping *= 1.5
+        if self.ema_decay is not None:
+            if self._ema is None:
+                self._ema = {n: p.detach().clone() for n, p in self._params.items() if n in d}
+            else:
+                for n, e in self._ema.items():
+                    e.lerp_(self._params[n].detach(), 1.0 - self.ema_decay)
+
+    # ------------------------------------------------------------------ helpers
+    def _theta(self) -> Dict:
+        return {n: self._params[n].detach() for blk in self._blocks for n in blk.names}
+
+    def _keep_batches(self) -> bool:
+        return isinstance(self.inner, CG) or self.line_search.source == "inner"
+
+    def _next(self, batches: Iterator[Batch]) -> Batch:
+        try:
+            return next(batches)
+        except StopIteration:
+            raise GnoptError("the batch iterator ran out in the middle of a Gauss-Newton step") from None
+
+    @torch.no_grad()
+    def _reset_block(self, blk: _Block, *, fresh_optimizer: bool) -> None:
+        """Put θ̂_b back at θ_t; rebuild the inner optimizer (fresh state) if asked."""
+        if not blk.theta_hat:
+            blk.theta_hat = {n: self._params[n].detach().clone() for n in blk.names}
+        else:
+            for n in blk.names:
+                blk.theta_hat[n].copy_(self._params[n].detach())
+        blk.at_origin = True
+        if fresh_optimizer and isinstance(self.inner, InnerOptimizer):
+            named = [(n, blk.theta_hat[n]) for n in blk.names]
+            blk.optimizer = self.inner.build(named, self.model)
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Temporarily load the EMA of the outer iterates into the model (no-op without EMA)."""
+        if self._ema is None:
+            yield
+            return
+        backup = {n: self._params[n].detach().clone() for n in self._ema}
+        with torch.no_grad():
+            for n, e in self._ema.items():
+                self._params[n].copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, b in backup.items():
+                    self._params[n].copy_(b)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: θ_t, θ̂, inner optimizer states, t, λ, EMA.
+
+        The micro-batches (inner and line search) come from the caller's iterator: its position is the
+        caller's to save (gnopt's harness saves the batcher state next to this).
+        """
+        return {
+            "version": 1,
+            "t": self._t,
+            "damping": self.damping,
+            "theta": {n: p.detach().clone() for n, p in self._theta().items()},
+            "blocks": [
+                {
+                    "label": blk.label,
+                    "theta_hat": {n: v.detach().clone() for n, v in blk.theta_hat.items()},
+                    "at_origin": blk.at_origin,
+                    "optimizer": blk.optimizer.state_dict() if blk.optimizer is not None else None,
+                }
+                for blk in self._blocks
+            ],
+            "ema": None if self._ema is None else {n: e.clone() for n, e in self._ema.items()},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != 1:
+            raise GnoptError(f"unsupported GaussNewton state version {state.get('version')!r}")
+        labels = [b["label"] for b in state["blocks"]]
+        if labels != [blk.label for blk in self._blocks]:
+            raise GnoptError(f"GN state has blocks {labels}, this optimizer has "
+                             f"{[blk.label for blk in self._blocks]}")
+        for n, v in state["theta"].items():
+            if n not in self._params or self._params[n].shape != v.shape:
+                raise GnoptError(f"GN state parameter {n!r} does not match the model")
+            self._params[n].copy_(v)
+        for blk, sb in zip(self._blocks, state["blocks"], strict=True):
+            for n in blk.names:
+                blk.theta_hat[n].copy_(sb["theta_hat"][n])
+            blk.at_origin = bool(sb["at_origin"])
+            if blk.optimizer is not None and sb["optimizer"] is not None:
+                blk.optimizer.load_state_dict(sb["optimizer"])
+        self._t = int(state["t"])
+        self.damping = float(state["damping"])
+        self._ema = None if state["ema"] is None else {n: e.clone() for n, e in state["ema"].items()}
+
+
+def conjugate_gradient(
+    matvec: Callable[[Dict], Dict], b: Dict, tol: float, max_iters: int
+) -> tuple[Dict, int, float]:
+    """Solve A x = b for symmetric PSD A by CG from x = 0; returns (x, iterations, ‖r‖/‖b‖)."""
+    x = {n: torch.zeros_like(v) for n, v in b.items()}
+    r = {n: v.clone() for n, v in b.items()}
+    p = {n: v.clone() for n, v in b.items()}
+    rs = float(_dot(r, r))
+    b_norm = math.sqrt(rs)
+    if b_norm == 0.0 or not math.isfinite(b_norm):
+        return x, 0, 0.0 if b_norm == 0.0 else float("nan")
+    it = 0
+    while it < max_iters and math.sqrt(rs) > tol * b_norm:
+        ap = matvec(p)
+        pap = float(_dot(p, ap))
+        if pap <= 0.0 or not math.isfinite(pap):
+            break  # direction of zero (or numerically negative) curvature: stop in range(A)
+        a = rs / pap
+        for n in x:
+            x[n].add_(p[n], alpha=a)
+            r[n].add_(ap[n], alpha=-a)
+        rs_new = float(_dot(r, r))
+        it += 1
+        beta = rs_new / rs
+        rs = rs_new
+        for n in p:
+            p[n].mul_(beta).add_(r[n])
+    return x, it, math.sqrt(rs) / b_norm

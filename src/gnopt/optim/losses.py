@@ -1,0 +1,160 @@
+"""Output-space losses for Gauss-Newton.
+
+Gauss-Newton needs three things from the loss ``L(z)`` on the model outputs ``z``: its value, its gradient
+``g_z`` and products with its Hessian ``H_z`` (which must be positive semi-definite for G = Jᵀ H_z J to be
+the Gauss-Newton matrix). :class:`OutputLoss` is that protocol; :meth:`OutputLoss.local` returns a
+:class:`LocalLoss` that evaluates all three at one point ``z₀`` while sharing work (softmax probabilities
+for cross-entropy).
+
+Shipped: :class:`SoftmaxCrossEntropy` (token mean over non-ignored targets, closed-form gradient and HVP)
+and :class:`MSELoss`. :class:`AutogradLoss` turns any differentiable ``fn(z, y) -> scalar`` with a PSD
+output Hessian into an :class:`OutputLoss` through autograd, so users can add losses without deriving
+anything.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class LocalLoss(ABC):
+    """A loss evaluated at one output point ``z₀`` with its targets: value, gradient, H_z·v."""
+
+    value: Tensor  # scalar
+    grad: Tensor  # same shape as z₀
+
+    @abstractmethod
+    def hvp(self, v: Tensor) -> Tensor:
+        """``H_z v`` at ``z₀`` (same shape as ``z₀``)."""
+
+
+class OutputLoss(ABC):
+    """A loss on model outputs. Subclasses implement :meth:`value` and :meth:`local`."""
+
+    @abstractmethod
+    def value(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Scalar loss."""
+
+    @abstractmethod
+    def local(self, outputs: Tensor, targets: Tensor) -> LocalLoss:
+        """Value, gradient and HVP at ``outputs`` (which must not require grad)."""
+
+    def value_and_grad(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Scalar loss and its gradient with respect to ``outputs``."""
+        loc = self.local(outputs, targets)
+        return loc.value, loc.grad
+
+    def count(self, targets: Tensor) -> int:
+        """How many elements the loss averages over (tokens for CE); used to weight micro-batches."""
+        return targets.numel()
+
+
+class _CELocal(LocalLoss):
+    def __init__(self, z: Tensor, y: Tensor, ignore_index: int) -> None:
+        z2 = z.reshape(-1, z.shape[-1])
+        y1 = y.reshape(-1)
+        mask = y1 != ignore_index
+        n = mask.sum().clamp_min(1).to(z.dtype)
+        logp = torch.log_softmax(z2, dim=-1)
+        safe_y = torch.where(mask, y1, torch.zeros_like(y1))
+        picked = logp.gather(1, safe_y[:, None]).squeeze(1)
+        self.value = -(picked * mask).sum() / n
+        p = logp.exp_()  # reuse the buffer: logp is not needed any more
+        # Rows of ignored tokens are scaled by 0: their gradient and curvature vanish.
+        self._w = (mask.to(z.dtype) / n)[:, None]
+        grad = p.clone()
+        grad.scatter_add_(1, safe_y[:, None], -torch.ones_like(picked)[:, None])
+        self.grad = (grad * self._w).reshape(z.shape)
+        self._p = p
+        self._shape = z.shape
+
+    def hvp(self, v: Tensor) -> Tensor:
+        v2 = v.reshape(self._p.shape)
+        pv = self._p * v2
+        out = pv - self._p * pv.sum(dim=-1, keepdim=True)
+        return (out * self._w).reshape(self._shape)
+
+
+class SoftmaxCrossEntropy(OutputLoss):
+    """Token-mean softmax cross-entropy over the last axis; targets equal to ``ignore_index`` are masked.
+
+    For ``n`` counted tokens and ``p = softmax(z)``: ``g_z = (p − onehot(y)) / n`` and
+    ``H_z v = (p ⊙ v − p (pᵀ v)) / n`` token by token (PSD).
+    """
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        self.ignore_index = ignore_index
+
+    def value(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(
+            outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), ignore_index=self.ignore_index
+        )
+
+    def local(self, outputs: Tensor, targets: Tensor) -> LocalLoss:
+        return _CELocal(outputs, targets, self.ignore_index)
+
+    def count(self, targets: Tensor) -> int:
+        return int((targets != self.ignore_index).sum())
+
+
+class _MSELocal(LocalLoss):
+    def __init__(self, z: Tensor, y: Tensor) -> None:
+        self._scale = 2.0 / z.numel()
+        diff = z - y
+        self.value = (diff * diff).mean()
+        self.grad = diff * self._scale
+
+    def hvp(self, v: Tensor) -> Tensor:
+        return v * self._scale
+
+
+class MSELoss(OutputLoss):
+    """Mean squared error ``mean((z − y)²)`` (as ``torch.nn.functional.mse_loss``); ``H_z = 2I / numel``."""
+
+    def value(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.mse_loss(outputs, targets)
+
+    def local(self, outputs: Tensor, targets: Tensor) -> LocalLoss:
+        return _MSELocal(outputs, targets)
+
+
+class _AutogradLocal(LocalLoss):
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], z: Tensor, y: Tensor) -> None:
+        self._fn = fn
+        self._z = z.detach()
+        self._y = y
+        with torch.enable_grad():
+            zz = self._z.clone().requires_grad_(True)
+            val = fn(zz, y)
+            (g,) = torch.autograd.grad(val, zz)
+        self.value = val.detach()
+        self.grad = g
+
+    def hvp(self, v: Tensor) -> Tensor:
+        def grad_fn(z: Tensor) -> Tensor:
+            return torch.func.grad(lambda zz: self._fn(zz, self._y))(z)
+
+        _, hv = torch.func.jvp(grad_fn, (self._z,), (v,))
+        return hv
+
+
+class AutogradLoss(OutputLoss):
+    """Any scalar loss ``fn(outputs, targets)`` with a PSD output Hessian, differentiated by autograd.
+
+    Gradient and Hessian-vector products come from ``torch.func`` (forward-over-reverse), so ``fn`` must be
+    written with functional torch ops. Slower than a closed form; convenient for new losses.
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.fn = fn
+
+    def value(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return self.fn(outputs, targets)
+
+    def local(self, outputs: Tensor, targets: Tensor) -> LocalLoss:
+        return _AutogradLocal(self.fn, outputs, targets)
