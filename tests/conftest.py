@@ -1,0 +1,37 @@
+"""Shared test fixtures: importable ``src/``, an isolated gnopt cache, and the shared text corpus."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT / "src"))
+
+#: The shared gutenberg-fiction corpus lies beside the repository (never inside it).
+GUTENBERG = ROOT.parent / "shared" / "data" / "gutenberg-fiction"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_gnopt_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test's token cache out of ~/.cache/gnopt."""
+    monkeypatch.setenv("GNOPT_CACHE", str(tmp_path_factory.getbasetemp() / "gnopt-cache"))
+
+
+@pytest.fixture(scope="session")
+def gutenberg_dir() -> Path:
+    if not (GUTENBERG / "train.txt").is_file():
+        pytest.skip(f"shared corpus not found at {GUTENBERG}")
+    return GUTENBERG
+
+
+@pytest.fixture(scope="session")
+def english_text(gutenberg_dir: Path) -> str:
+    """About 200 KB of real English prose (a slice of gutenberg-fiction train.txt, cut at line breaks)."""
+    with open(gutenberg_dir / "train.txt", "rb") as f:
+        f.seek(1_000_000)
+        raw = f.read(200_000)
+    return raw[raw.index(b"\n") + 1 : raw.rindex(b"\n") + 1].decode("utf-8")
