@@ -1,0 +1,236 @@
+"""Tokenize a corpus once and cache it: train/valid uint16 shards plus the tokenizer.
+
+``prepare(data_spec, tokenizer, vocab_size, cache_dir)`` resolves the spec (see :mod:`gnopt.data.sources`),
+derives a cache key from the corpus identity (file paths, sizes and modification times; Python version
+for the default corpus; the dataset name for the hub), the tokenizer kind, the vocabulary size, the
+validation rule and :data:`FORMAT_VERSION`, and then either
+
+- **hits**: memory-maps ``<cache>/data/<name>-<key>/{train,valid}.bin`` and loads ``tokenizer.json``
+  without reading or tokenizing any text, or
+- **misses**: reads the text, holds out the validation text (an explicit validation source, else the last
+  ``valid_fraction`` of the training text, cut at a line break), trains the tokenizer on the *training*
+  text only (BPE: on a bounded, evenly spaced sample of at most ~10M characters), tokenizes both parts
+  (batched, parallel) and publishes the folder atomically (built under a temporary name, then renamed, so
+  concurrent or interrupted runs never see a half-written cache entry).
+
+The cache root is the ``cache_dir`` argument, else ``$GNOPT_CACHE``, else ``~/.cache/gnopt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gnopt.data.shards import read_shard, write_shard
+from gnopt.data.sources import HF_MAX_CHARS, TextSource, resolve_data
+from gnopt.data.tokenizer import (
+    BPE_SAMPLE_CHARS,
+    MAX_VOCAB,
+    TOKENIZER_KINDS,
+    Tokenizer,
+    load_tokenizer,
+    make_tokenizer,
+)
+from gnopt.errors import GnoptError
+
+log = logging.getLogger(__name__)
+
+#: Bump when the shard layout, the tokenizer training or the split rule changes: old entries then miss.
+FORMAT_VERSION = 1
+DEFAULT_VALID_FRACTION = 0.05
+
+
+def default_cache_dir() -> Path:
+    """``$GNOPT_CACHE`` if set, else ``~/.cache/gnopt``."""
+    env = os.environ.get("GNOPT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gnopt"
+
+
+@dataclass
+class PreparedData:
+    """A tokenized corpus: ``train``/``valid`` are uint16 arrays (memory-mapped from the cache)."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    tokenizer: Tokenizer
+    description: str
+    path: Path
+    cache_hit: bool
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def split_tail(text: str, fraction: float) -> tuple[str, str]:
+    """(head, tail) with the tail about ``fraction`` of ``text``, cut just after a line break when one lies
+    in the last 1% of the head (so no line is split), else at the exact character."""
+    if not 0.0 < fraction < 1.0:
+        raise GnoptError(f"valid_fraction must be strictly between 0 and 1, got {fraction}.")
+    cut = int(len(text) * (1.0 - fraction))
+    nl = text.rfind("\n", max(0, cut - max(1, len(text) // 100)), cut)
+    if nl != -1:
+        cut = nl + 1
+    return text[:cut], text[cut:]
+
+
+def _slug(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return (s or "corpus")[:40]
+
+
+def cache_key(
+    train: TextSource,
+    valid: TextSource | None,
+    tokenizer: str,
+    vocab_size: int,
+    valid_fraction: float,
+) -> str:
+    """Hex digest identifying a prepared corpus (see the module docstring for what goes into it)."""
+    payload = {
+        "format": FORMAT_VERSION,
+        "train": train.identity,
+        "valid": valid.identity if valid is not None else {"tail_fraction": valid_fraction},
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size if tokenizer == "bpe" else 256,
+        "bpe_sample_chars": BPE_SAMPLE_CHARS if tokenizer == "bpe" else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+
+
+def _load_entry(folder: Path) -> PreparedData:
+    meta_path = folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GnoptError(
+            f"cache entry {meta_path} is unreadable ({exc}); delete {folder} to rebuild it."
+        ) from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise GnoptError(f"cache entry {folder} has format {meta.get('format')!r}; delete it to rebuild it.")
+    train = read_shard(folder / "train.bin")
+    valid = read_shard(folder / "valid.bin")
+    tok = load_tokenizer(folder / "tokenizer.json")
+    if len(train) != meta.get("train_tokens") or len(valid) != meta.get("valid_tokens"):
+        raise GnoptError(f"cache entry {folder} does not match its meta.json; delete it to rebuild it.")
+    return PreparedData(train, valid, tok, meta["description"], folder, True, meta)
+
+
+def prepare(
+    data_spec: str | os.PathLike[str] | None = None,
+    tokenizer: str = "bpe",
+    vocab_size: int = 4096,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    valid_data: str | os.PathLike[str] | None = None,
+    valid_fraction: float = DEFAULT_VALID_FRACTION,
+    max_chars: int = HF_MAX_CHARS,
+    rebuild: bool = False,
+) -> PreparedData:
+    """Tokenize ``data_spec`` once (cached) and return its train/valid tokens and tokenizer.
+
+    Args:
+        data_spec: file, folder, ``hf:NAME[:CONFIG][:SPLIT]`` or ``None`` for the embedded default corpus.
+        tokenizer: ``"bpe"`` (byte-level BPE trained on the training text) or ``"bytes"`` (vocab 256).
+        vocab_size: BPE vocabulary size (ignored for ``bytes``); the trained vocabulary can be smaller on a
+            tiny corpus: use ``PreparedData.vocab_size`` for the model.
+        cache_dir: cache root (default ``$GNOPT_CACHE`` or ``~/.cache/gnopt``).
+        valid_data: explicit validation text (a file, folder or hf spec); by default a folder's
+            ``valid.txt`` or a local dataset's validation split, else the held-out tail.
+        valid_fraction: size of the held-out tail when there is no validation source.
+        max_chars: cap on the characters read from a Hugging Face dataset.
+        rebuild: ignore and replace an existing cache entry.
+    """
+    if tokenizer not in TOKENIZER_KINDS:
+        raise GnoptError(f"unknown tokenizer {tokenizer!r}; valid tokenizers: {', '.join(TOKENIZER_KINDS)}.")
+    if tokenizer == "bpe" and not 256 < vocab_size <= MAX_VOCAB:
+        raise GnoptError(f"BPE vocab_size must be in 257..{MAX_VOCAB}, got {vocab_size}.")
+    train_src, valid_src = resolve_data(data_spec, valid_data, max_chars=max_chars)
+    key = cache_key(train_src, valid_src, tokenizer, vocab_size, valid_fraction)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    vtag = f"{tokenizer}{vocab_size}" if tokenizer == "bpe" else "bytes"
+    folder = root / "data" / f"{_slug(train_src.name)}-{vtag}-{key}"
+
+    if folder.is_dir() and not rebuild:
+        prepared = _load_entry(folder)
+        log.info("data: cache hit %s (%s)", folder, prepared.description)
+        return prepared
+
+    t0 = time.perf_counter()
+    log.info("data: preparing %s (tokenizer %s) into %s", train_src.description, vtag, folder)
+    loaded = train_src.read()
+    if valid_src is not None:
+        vloaded = valid_src.read()
+        train_text, valid_text = loaded.text, vloaded.text
+        valid_rule = f"validation text from {vloaded.description}"
+    else:
+        train_text, valid_text = split_tail(loaded.text, valid_fraction)
+        valid_rule = f"validation = held-out last {valid_fraction:.0%} of the text"
+    if not train_text or not valid_text:
+        raise GnoptError(f"corpus {loaded.description} is too small to hold out validation text.")
+    description = f"{loaded.description}; {valid_rule}"
+
+    t1 = time.perf_counter()
+    tok = make_tokenizer(tokenizer, train_text, vocab_size)
+    t2 = time.perf_counter()
+    train_ids = tok.encode_corpus(train_text)
+    valid_ids = tok.encode_corpus(valid_text)
+    t3 = time.perf_counter()
+    log.info(
+        "data: tokenizer trained in %.1fs, %d + %d tokens in %.1fs",
+        t2 - t1, len(train_ids), len(valid_ids), t3 - t2,
+    )
+
+    train_bytes = len(train_text.encode("utf-8"))
+    valid_bytes = len(valid_text.encode("utf-8"))
+    meta: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "description": description,
+        "source": train_src.description,
+        "tokenizer": tokenizer,
+        "vocab_size": tok.vocab_size,
+        "requested_vocab_size": vocab_size if tokenizer == "bpe" else 256,
+        "train_tokens": int(len(train_ids)),
+        "valid_tokens": int(len(valid_ids)),
+        "train_bytes": train_bytes,
+        "valid_bytes": valid_bytes,
+        "train_files": loaded.n_files,
+        "valid_source": "explicit" if valid_src is not None else "tail",
+        "valid_fraction": None if valid_src is not None else valid_fraction,
+        "seconds": {"read": t1 - t0, "tokenizer": t2 - t1, "encode": t3 - t2},
+    }
+    root.joinpath("data").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root / "data", prefix=f".{folder.name}.tmp-"))
+    try:
+        write_shard(tmp / "train.bin", train_ids)
+        write_shard(tmp / "valid.bin", valid_ids)
+        tok.save(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if rebuild and folder.exists():
+            shutil.rmtree(folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # a concurrent run publishing the same key is fine; anything else is not
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prepared = _load_entry(folder)
+    prepared.cache_hit = False
+    log.info("data: prepared %s in %.1fs", folder, time.perf_counter() - t0)
+    return prepared
