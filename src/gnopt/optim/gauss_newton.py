@@ -289,9 +289,9 @@ class GaussNewton:
                 out["model"] = loc.value
                 return loc.grad
             if self.mode == "gn":
-                hu = loc.hvp(u)
-                out["model"] = loc.value + (loc.grad * u).sum() + 0.5 * (u * hu).sum()
-                return loc.grad + hu
+                r, g_u, u_h_u = loc.gn_cotangent(u)
+                out["model"] = loc.value + g_u + 0.5 * u_h_u
+                return r
             value, grad = self.loss.value_and_grad(z0 + u, y)
             out["model"] = value
             return grad
@@ -395,8 +395,9 @@ class GaussNewton:
                 rec.passes += _FWD + _TANGENT
                 loc = self.loss.local(z0, y)
                 total += float(loc.value)
-                m1 += float((loc.grad * u).sum()) / nb
-                m2 += float((u * loc.hvp(u)).sum()) / nb
+                g_u, u_h_u = loc.directional(u)
+                m1 += float(g_u) / nb
+                m2 += float(u_h_u) / nb
                 if self.mode == "prox_linear":
                     prox_models.append((z0, u, y))
             loss_at_theta = total / nb

@@ -26,11 +26,27 @@ class LocalLoss(ABC):
     """A loss evaluated at one output point ``z₀`` with its targets: value, gradient, H_z·v."""
 
     value: Tensor  # scalar
-    grad: Tensor  # same shape as z₀
+
+    @property
+    @abstractmethod
+    def grad(self) -> Tensor:
+        """``g_z`` at ``z₀`` (same shape as ``z₀``)."""
 
     @abstractmethod
     def hvp(self, v: Tensor) -> Tensor:
         """``H_z v`` at ``z₀`` (same shape as ``z₀``)."""
+
+    def directional(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g_zᵀ u, uᵀ H_z u)``: the GN model along ``u`` is ``value + a + b/2``."""
+        return (self.grad * u).sum(), (u * self.hvp(u)).sum()
+
+    def gn_cotangent(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(g_z + H_z u, g_zᵀ u, uᵀ H_z u)``: the inner-step cotangent and the model terms at once.
+
+        Subclasses may fuse this (cross-entropy does: it is the memory-bound hot spot on the logits).
+        """
+        hu = self.hvp(u)
+        return self.grad + hu, (self.grad * u).sum(), (u * hu).sum()
 
 
 class OutputLoss(ABC):
@@ -55,29 +71,56 @@ class OutputLoss(ABC):
 
 
 class _CELocal(LocalLoss):
+    """Cross-entropy at ``z₀``: keeps ``p = softmax(z₀)`` and per-token weights ``mask / n``."""
+
     def __init__(self, z: Tensor, y: Tensor, ignore_index: int) -> None:
         z2 = z.reshape(-1, z.shape[-1])
         y1 = y.reshape(-1)
         mask = y1 != ignore_index
         n = mask.sum().clamp_min(1).to(z.dtype)
         logp = torch.log_softmax(z2, dim=-1)
-        safe_y = torch.where(mask, y1, torch.zeros_like(y1))
-        picked = logp.gather(1, safe_y[:, None]).squeeze(1)
+        self._y = torch.where(mask, y1, torch.zeros_like(y1))[:, None]
+        picked = logp.gather(1, self._y).squeeze(1)
         self.value = -(picked * mask).sum() / n
-        p = logp.exp_()  # reuse the buffer: logp is not needed any more
-        # Rows of ignored tokens are scaled by 0: their gradient and curvature vanish.
+        self._p = logp.exp_()  # reuse the buffer: log-probabilities are not needed any more
+        # Ignored tokens get weight 0: their gradient and curvature vanish.
         self._w = (mask.to(z.dtype) / n)[:, None]
-        grad = p.clone()
-        grad.scatter_add_(1, safe_y[:, None], -torch.ones_like(picked)[:, None])
-        self.grad = (grad * self._w).reshape(z.shape)
-        self._p = p
         self._shape = z.shape
+
+    def _minus_onehot_weighted(self, r: Tensor) -> Tensor:
+        """``(r − onehot(y)) · w`` in place."""
+        r.scatter_add_(1, self._y, torch.full_like(self._y, -1, dtype=r.dtype))
+        return r.mul_(self._w)
+
+    @property
+    def grad(self) -> Tensor:
+        return self._minus_onehot_weighted(self._p.clone()).reshape(self._shape)
 
     def hvp(self, v: Tensor) -> Tensor:
         v2 = v.reshape(self._p.shape)
-        pv = self._p * v2
-        out = pv - self._p * pv.sum(dim=-1, keepdim=True)
-        return (out * self._w).reshape(self._shape)
+        pv = torch.linalg.vecdot(self._p, v2)[:, None]
+        out = self._p * v2
+        out.addcmul_(self._p, pv, value=-1.0)
+        return out.mul_(self._w).reshape(self._shape)
+
+    def _terms(self, u2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pu = torch.linalg.vecdot(self._p, u2)  # pᵀu per token
+        pu_u = self._p * u2
+        puu = torch.linalg.vecdot(pu_u, u2)  # Σ_j p_j u_j² per token
+        w = self._w.squeeze(1)
+        g_u = (w * (pu - u2.gather(1, self._y).squeeze(1))).sum()
+        u_h_u = (w * (puu - pu * pu)).sum()
+        return pu_u, g_u, u_h_u, pu
+
+    def directional(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        _, g_u, u_h_u, _ = self._terms(u.reshape(self._p.shape))
+        return g_u, u_h_u
+
+    def gn_cotangent(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # r = w ⊙ (p + p⊙u − p (pᵀu) − onehot(y)), reusing the p⊙u buffer: six passes over the logits.
+        r, g_u, u_h_u, pu = self._terms(u.reshape(self._p.shape))
+        r.addcmul_(self._p, pu[:, None], value=-1.0).add_(self._p)
+        return self._minus_onehot_weighted(r).reshape(self._shape), g_u, u_h_u
 
 
 class SoftmaxCrossEntropy(OutputLoss):
@@ -107,7 +150,11 @@ class _MSELocal(LocalLoss):
         self._scale = 2.0 / z.numel()
         diff = z - y
         self.value = (diff * diff).mean()
-        self.grad = diff * self._scale
+        self._grad = diff * self._scale
+
+    @property
+    def grad(self) -> Tensor:
+        return self._grad
 
     def hvp(self, v: Tensor) -> Tensor:
         return v * self._scale
@@ -133,7 +180,11 @@ class _AutogradLocal(LocalLoss):
             val = fn(zz, y)
             (g,) = torch.autograd.grad(val, zz)
         self.value = val.detach()
-        self.grad = g
+        self._grad = g
+
+    @property
+    def grad(self) -> Tensor:
+        return self._grad
 
     def hvp(self, v: Tensor) -> Tensor:
         def grad_fn(z: Tensor) -> Tensor:
