@@ -199,7 +199,9 @@ class GaussNewton:
         elif isinstance(partition, Partition):
             part = partition.validate(model)
         else:
-            raise GnoptError(f"partition must be None, 'full', 'transformer' or a Partition, got {partition!r}")
+            raise GnoptError(
+                f"partition must be None, 'full', 'transformer' or a Partition, got {partition!r}"
+            )
         self.partition = part
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self._blocks = [_Block(label, names) for label, names in zip(part.labels, part.blocks, strict=True)]
@@ -215,7 +217,9 @@ class GaussNewton:
         rec = GNStepRecord(step=self._t, loss=float("nan"), mode=self.mode, alpha=None, rejected=False,
                            alphas=[], ls_losses=[], damping=self.damping)
         t0 = time.perf_counter()
-        inner_batches = [self._next(batches) for _ in range(self.inner_steps)] if self._keep_batches() else None
+        inner_batches = None
+        if self._keep_batches():
+            inner_batches = [self._next(batches) for _ in range(self.inner_steps)]
         if isinstance(self.inner, CG):
             assert inner_batches is not None
             self._solve_cg(theta, inner_batches, rec)
@@ -323,61 +327,68 @@ class GaussNewton:
     # ------------------------------------------------------------------ inner solve (CG)
     def _solve_cg(self, theta: Dict, batches: list[Batch], rec: GNStepRecord) -> None:
         assert isinstance(self.inner, CG)
-        nb = len(batches)
-        rec.train_micro_batches = nb
+        rec.train_micro_batches = len(batches)
         rec.train_tokens = sum(self.loss.count(y) for _, y in batches)
-        losses: list[float] = []
-        reg = self.damping + self.prox
-        for blk in self._blocks:
+        for k, blk in enumerate(self._blocks):
             tb = time.perf_counter()
-            names = blk.names
-            g = {n: torch.zeros_like(theta[n]) for n in names}
-            for x, y in batches:
-                loc_holder: dict[str, Tensor] = {}
-
-                def grad_cot(z0: Tensor, u: Tensor | None, y: Tensor = y, h: dict = loc_holder) -> Tensor:
-                    loc = self.loss.local(z0, y)
-                    h["v"] = loc.value
-                    return loc.grad
-
-                _, _, gb = linearized_pass(self.model, theta, x, tangent=None, wrt=names, cotangent=grad_cot)
-                rec.passes += _FWD + _BWD
-                if blk is self._blocks[0]:
-                    losses.append(float(loc_holder["v"]))
-                for n in names:
-                    g[n].add_(gb[n], alpha=1.0 / nb)
-
-            def gv(v: Dict) -> Dict:
-                acc = {n: torch.zeros_like(theta[n]) for n in names}
-                for x, y in batches:
-                    def hv_cot(z0: Tensor, u: Tensor | None, y: Tensor = y) -> Tensor:
-                        assert u is not None
-                        return self.loss.local(z0, y).hvp(u)
-
-                    _, _, pb = linearized_pass(self.model, theta, x, tangent=v, wrt=names, cotangent=hv_cot)
-                    rec.passes += _FWD + _TANGENT + _BWD
-                    for n in names:
-                        acc[n].add_(pb[n], alpha=1.0 / nb)
-                if reg:
-                    for n in names:
-                        acc[n].add_(v[n], alpha=reg)
-                return acc
-
-            sol, iters, rel = conjugate_gradient(gv, {n: -v for n, v in g.items()}, self.inner.tol,
-                                                 self.inner.max_iters)
+            g, loss = self._mean_grad(theta, batches, blk.names, rec)
+            if k == 0:
+                rec.loss = loss
+            sol, iters, rel = conjugate_gradient(
+                lambda v, names=blk.names: self._gv(theta, batches, names, v, rec),
+                {n: -v for n, v in g.items()}, self.inner.tol, self.inner.max_iters,
+            )
             rec.cg_iters.append(iters)
             rec.cg_rel_residual.append(rel)
+            finite = _all_finite(sol)
+            if not finite:
+                rec.inner_nonfinite += 1
             with torch.no_grad():
-                if _all_finite(sol):
-                    for n in names:
-                        blk.theta_hat[n].copy_(theta[n] + sol[n])
-                else:
-                    rec.inner_nonfinite += 1
-                    for n in names:
-                        blk.theta_hat[n].copy_(theta[n])
-            blk.at_origin = False
+                for n in blk.names:
+                    blk.theta_hat[n].copy_(theta[n] + sol[n] if finite else theta[n])
+            blk.at_origin = not finite
             rec.block_seconds.append(time.perf_counter() - tb)
-        rec.loss = sum(losses) / len(losses)
+
+    def _mean_grad(
+        self, theta: Dict, batches: list[Batch], names: tuple[str, ...], rec: GNStepRecord
+    ) -> tuple[Dict, float]:
+        """Mean over ``batches`` of Jᵀ g_z (the loss gradient) for ``names``, and the mean loss."""
+        g = {n: torch.zeros_like(theta[n]) for n in names}
+        total = 0.0
+        for x, y in batches:
+            held: dict[str, Tensor] = {}
+
+            def cot(z0: Tensor, u: Tensor | None, y: Tensor = y, held: dict[str, Tensor] = held) -> Tensor:
+                loc = self.loss.local(z0, y)
+                held["value"] = loc.value
+                return loc.grad
+
+            _, _, gb = linearized_pass(self.model, theta, x, tangent=None, wrt=names, cotangent=cot)
+            rec.passes += _FWD + _BWD
+            total += float(held["value"])
+            for n in names:
+                g[n].add_(gb[n], alpha=1.0 / len(batches))
+        return g, total / len(batches)
+
+    def _gv(
+        self, theta: Dict, batches: list[Batch], names: tuple[str, ...], v: Dict, rec: GNStepRecord
+    ) -> Dict:
+        """(G + (λ + μ) I) v with G the mean GN matrix of ``batches`` restricted to ``names``."""
+        acc = {n: torch.zeros_like(theta[n]) for n in names}
+        for x, y in batches:
+            def cot(z0: Tensor, u: Tensor | None, y: Tensor = y) -> Tensor:
+                assert u is not None
+                return self.loss.local(z0, y).hvp(u)
+
+            _, _, pb = linearized_pass(self.model, theta, x, tangent=v, wrt=names, cotangent=cot)
+            rec.passes += _FWD + _TANGENT + _BWD
+            for n in names:
+                acc[n].add_(pb[n], alpha=1.0 / len(batches))
+        reg = self.damping + self.prox
+        if reg:
+            for n in names:
+                acc[n].add_(v[n], alpha=reg)
+        return acc
 
     # ------------------------------------------------------------------ line search
     @torch.no_grad()

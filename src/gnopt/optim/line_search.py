@@ -44,7 +44,9 @@ class LineSearch:
         if self.ls_range < 1:
             raise GnoptError(f"ls_range must be >= 1, got {self.ls_range}")
         if self.source not in LS_SOURCES:
-            raise GnoptError(f"line-search source must be one of {', '.join(LS_SOURCES)}, got {self.source!r}")
+            raise GnoptError(
+                f"line-search source must be one of {', '.join(LS_SOURCES)}, got {self.source!r}"
+            )
         if self.num_batches is not None and self.num_batches < 1:
             raise GnoptError(f"line-search num_batches must be >= 1, got {self.num_batches}")
         if self.reset_below is not None and not 0.0 < self.reset_below <= 1.0:
