@@ -397,7 +397,8 @@ class GaussNewton:
         alphas = ls.alphas()
         nb = len(batches)
         m1 = m2 = 0.0  # GN model along d: q(α) − L0 = α·m1 + α²/2·m2   (averaged over batches)
-        prox_models: list[tuple[Tensor, Tensor, Tensor]] = []
+        # prox-linear model along d, L(z₀ + α·J d), for every α: scalars only, so memory stays flat in N.
+        prox_model = [0.0] * len(alphas)
         loss_at_theta: float | None = None
         if ls.model_decrease:
             total = 0.0
@@ -410,7 +411,9 @@ class GaussNewton:
                 m1 += float(g_u) / nb
                 m2 += float(u_h_u) / nb
                 if self.mode == "prox_linear":
-                    prox_models.append((z0, u, y))
+                    for k, a in enumerate(alphas):
+                        prox_model[k] += float(self.loss.value(z0 + a * u, y)) / nb
+                del z0, u, loc
             loss_at_theta = total / nb
         losses: list[float] = []
         for a in alphas:
@@ -435,9 +438,7 @@ class GaussNewton:
             if self.mode == "gn":
                 predicted = -(alpha * m1 + 0.5 * alpha * alpha * m2)
             else:
-                predicted = loss_at_theta - sum(
-                    float(self.loss.value(z0 + alpha * u, y)) for z0, u, y in prox_models
-                ) / nb
+                predicted = loss_at_theta - prox_model[k]
             rec.predicted_decrease = predicted
             rec.rho = rec.actual_decrease / predicted if predicted != 0 else None
         return alpha
