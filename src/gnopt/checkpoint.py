@@ -1,0 +1,141 @@
+"""Checkpoints: atomic writes, ``weights_only`` loads, and the RNG states needed for bitwise resumes.
+
+A checkpoint is a plain nested dict of tensors and Python scalars/containers, so it loads with
+``torch.load(..., weights_only=True)``: loading never executes pickled code, and nothing in it depends on
+gnopt's classes staying importable under the same names. Anything richer (numpy RNG state, dataclasses) is
+converted to that form here.
+
+Writes go to a temporary file in the same directory, are ``fsync``-ed, then ``os.replace``-d over the old
+checkpoint (and the directory is fsync-ed), so a crash leaves either the old or the new checkpoint, never a
+torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gnopt.errors import GnoptError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+#: Bumped when the checkpoint layout changes incompatibly.
+CHECKPOINT_FORMAT = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> Path:
+    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, ``os.replace`` it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Atomically replace ``path`` with ``text`` (UTF-8)."""
+    return atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Atomically write ``state`` (tensors and plain containers only) to ``path``."""
+    payload = {"format": CHECKPOINT_FORMAT, **state}
+    return atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` onto the CPU, with ``weights_only=True``.
+
+    Raises :class:`GnoptError` when the file is missing, unreadable, not a gnopt checkpoint, or of another
+    format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GnoptError(f"no checkpoint at {path}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GnoptError(f"checkpoint {path} cannot be read ({first}).") from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise GnoptError(f"{path} is not a gnopt checkpoint.")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise GnoptError(
+            f"checkpoint {path} has format {state['format']}, this gnopt reads format {CHECKPOINT_FORMAT}."
+        )
+    return state
+
+
+# ------------------------------------------------------------------------------------------------------
+# RNG states as weights_only-safe values
+# ------------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy (legacy global) and torch (CPU and every CUDA device) generator states."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(np_kind),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only where this process has the devices)."""
+    py = state["python"]
+    # weights_only loading returns the nested tuples of random.getstate() as tuples or lists.
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)

@@ -1,0 +1,482 @@
+"""The training loop: data, model, one :class:`~gnopt.steppers.Stepper`, evaluation, logs, checkpoints.
+
+What a run leaves in its output directory:
+
+* ``config.json`` — the resolved config and its fingerprint (written when the run starts);
+* ``metrics.jsonl`` — one line per optimizer step (``step``, cumulative ``tokens``, ``loss``, ``lr``,
+  ``grad_norm``, cumulative ``wall`` seconds, ``step_seconds``, then every key the stepper returned, e.g.
+  the per-step ``train_tokens``/``ls_tokens``/``passes``) and one ``{"type": "eval", "step", "tokens",
+  "val_loss"}`` line per evaluation (step 0, every ``eval_every`` steps and the last step);
+* ``checkpoint.pt`` — every ``ckpt_every`` steps and at the end (see :func:`_checkpoint_state`);
+* ``summary.json`` — written at the end (or at ``stop_after``, with ``"completed": false``).
+
+Resuming is exact: the checkpoint carries the model, the stepper (optimizer + schedule) state, the batcher
+position, the step/token counters, every RNG state and the target-hit record, so on CPU a resumed run logs
+bitwise the same losses as an uninterrupted one. ``metrics.jsonl`` is cut back to the checkpoint's step on
+resume so no step is logged twice.
+
+The loop only knows the Stepper contract (see :mod:`gnopt.steppers`); evaluation runs under the stepper's
+``eval_context()`` when it has one (GN evaluates its EMA weights there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gnopt.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from gnopt.config import TrainConfig, fingerprint, fingerprint_diff, fingerprint_fields, resolve
+from gnopt.errors import GnoptError
+from gnopt.steppers import Stepper, build_stepper, lm_loss
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+#: The files a run owns in its output directory (``--overwrite`` deletes these and nothing else).
+RUN_FILES: tuple[str, ...] = (CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, CHECKPOINT_NAME)
+
+
+# ------------------------------------------------------------------------------------------------------
+# data, device, seeds
+# ------------------------------------------------------------------------------------------------------
+
+
+def load_data(cfg: TrainConfig) -> Any:
+    """Tokenize (or load from the cache) the corpus of a resolved config; returns ``PreparedData``."""
+    from gnopt.data import prepare
+
+    assert cfg.tokenizer is not None and cfg.vocab_size is not None
+    return prepare(
+        cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, cache_dir=cfg.cache_dir,
+        valid_data=cfg.valid_data,
+    )
+
+
+def check_data_size(cfg: TrainConfig, n_train: int, n_valid: int, description: str) -> None:
+    """Refuse a corpus that cannot fill one optimizer step (without repeating a window) or one
+    validation window."""
+    assert cfg.seq_len is not None
+    window = cfg.seq_len + 1
+    need = cfg.n_micro * cfg.micro_batch_size * window
+    if n_train < need:
+        raise GnoptError(
+            f"the corpus is too small for one batch: {description} has {n_train} training tokens, one step "
+            f"of batch_tokens={cfg.batch_tokens} needs {cfg.n_micro} × {cfg.micro_batch_size} windows of "
+            f"{window} tokens = {need}; use more data or a smaller --batch-tokens / --seq-len."
+        )
+    if n_valid < window:
+        raise GnoptError(
+            f"the validation text is too small: {description} has {n_valid} validation tokens, one "
+            f"evaluation window needs {window}; use more validation data or a smaller --seq-len."
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GnoptError("--device cuda was requested but no CUDA device is available.")
+    return torch.device(name)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
+    """Token-mean cross-entropy over the fixed validation batches (all of equal size)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for x, y in batches:
+        loss = lm_loss(model(x), y)
+        total += loss.double().cpu() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return float(total / count)
+
+
+def _eval_context(stepper: Stepper) -> contextlib.AbstractContextManager[Any]:
+    ctx = getattr(stepper, "eval_context", None)
+    return ctx() if callable(ctx) else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------------
+# output directory
+# ------------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def inspect_out_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Decide, *before any work*, whether this run may use ``out``; return the checkpoint to resume from.
+
+    Refuses (GnoptError) a directory that holds another run, or this same run without ``--resume``
+    (unless ``--overwrite``), and a resume from a missing or incompatible checkpoint (naming the fields
+    that differ). Nothing is written here.
+    """
+    if resume and overwrite:
+        raise GnoptError("--resume and --overwrite contradict each other; pass only one.")
+    if out.exists() and not out.is_dir():
+        raise GnoptError(f"output path {out} exists and is not a directory.")
+    if resume:
+        ckpt_path = out / CHECKPOINT_NAME
+        if not ckpt_path.is_file():
+            raise GnoptError(
+                f"--resume: there is no checkpoint in {out} to resume from; run without --resume to start."
+            )
+        state = load_checkpoint(ckpt_path)
+        diff = fingerprint_diff(state.get("config", {}), fingerprint_fields(cfg))
+        if diff:
+            raise GnoptError(
+                f"cannot resume: the checkpoint in {out} belongs to a different configuration "
+                f"({'; '.join(diff)}); rerun with the checkpoint's settings, or use another --out."
+            )
+        return state
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if present and not overwrite:
+        old = _read_json(out / CONFIG_NAME)
+        old_cfg = old.get("config") if isinstance(old, dict) else None
+        if isinstance(old_cfg, dict):
+            diff = fingerprint_diff(old_cfg, fingerprint_fields(cfg))
+            if not diff:
+                raise GnoptError(
+                    f"{out} already holds this run; continue it with --resume, or start it over with "
+                    "--overwrite."
+                )
+            raise GnoptError(
+                f"{out} holds a different run ({'; '.join(diff)}); choose another --out, or pass "
+                "--overwrite to replace it."
+            )
+        raise GnoptError(
+            f"{out} already holds run files ({', '.join(present)}); choose another --out, or pass "
+            "--overwrite to replace them."
+        )
+    return None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the metrics lines of steps <= ``step`` (drops a torn last line too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values for metrics: tensors -> numbers, non-finite floats -> null."""
+    if isinstance(value, Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """Mutable counters of a run (what goes into checkpoints and the summary)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.train_tokens = 0
+        self.ls_tokens = 0
+        self.passes = 0
+        self.skipped_steps = 0
+        self.wall_before = 0.0  # seconds spent in earlier invocations of a resumed run
+        self.steps_to_target: int | None = None
+        self.tokens_to_target: int | None = None
+        self.initial_val_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.last_val_step: int | None = None
+        self.best_val_loss: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.train_tokens + self.ls_tokens
+
+    def counters(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items()}
+
+    def load(self, counters: dict[str, Any]) -> None:
+        for key, value in counters.items():
+            if hasattr(self, key):
+                setattr(self, key, value)
+
+
+def _checkpoint_state(cfg: TrainConfig, model: nn.Module, stepper: Stepper, batcher: Any, run: _Run,
+                      wall: float, vocab_size: int) -> dict[str, Any]:
+    counters = run.counters()
+    counters["wall_before"] = wall
+    return {
+        "config": fingerprint_fields(cfg),
+        "fingerprint": fingerprint(cfg),
+        "vocab_size": int(vocab_size),
+        "model": model.state_dict(),
+        "stepper": stepper.state_dict(),
+        "batcher": batcher.state_dict(),
+        "counters": counters,
+        "rng": rng_state(),
+    }
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns the summary dict (also in ``summary.json``).
+
+    Every check that can fail on user input (config values, output directory, checkpoint compatibility,
+    corpus) runs before anything in the output directory is created, deleted or changed.
+    """
+    from tqdm.auto import tqdm
+
+    import gnopt
+    from gnopt.data import TokenBatcher, data_statistics, eval_batches
+    from gnopt.model import build_model
+
+    cfg = resolve(cfg)
+    assert cfg.out is not None and cfg.seq_len is not None
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    ckpt = inspect_out_dir(out, cfg, resume=resume, overwrite=overwrite)
+    if ckpt is not None and int(ckpt["counters"]["step"]) >= cfg.steps:
+        summary = _read_json(out / SUMMARY_NAME)
+        log.warning("the run in %s is already complete (%d steps); nothing to do.", out, cfg.steps)
+        if isinstance(summary, dict):
+            return summary
+        raise GnoptError(f"the run in {out} is complete but its {SUMMARY_NAME} is missing or unreadable.")
+
+    threads = cfg.threads or available_cores()
+    torch.set_num_threads(threads)
+    seed_everything(cfg.seed)
+
+    prepared = load_data(cfg)
+    check_data_size(cfg, len(prepared.train), len(prepared.valid), prepared.description)
+    vocab_size = int(prepared.vocab_size)
+
+    model = build_model(cfg.preset, vocab_size=vocab_size, seq_len=cfg.seq_len).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    stepper = build_stepper(cfg, model)
+    batcher = TokenBatcher(prepared.train, cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed, device=device)
+    val_batches = eval_batches(prepared.valid, cfg.seq_len, cfg.micro_batch_size, max_tokens=cfg.eval_tokens,
+                               device=device)
+    eval_tokens_used = sum(int(y.numel()) for _, y in val_batches)
+
+    run = _Run()
+    if ckpt is not None:
+        if int(ckpt.get("vocab_size", -1)) != vocab_size:
+            raise GnoptError(
+                f"cannot resume: the checkpoint's vocabulary has {ckpt.get('vocab_size')} tokens, the "
+                f"prepared data {vocab_size}; the corpus or tokenizer changed."
+            )
+        try:
+            model.load_state_dict(ckpt["model"])
+            stepper.load_state_dict(ckpt["stepper"])
+            batcher.load_state_dict(ckpt["batcher"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GnoptError(
+                f"cannot resume from {out / CHECKPOINT_NAME}: its state does not fit ({first})."
+            ) from None
+        run.load(ckpt["counters"])
+        set_rng_state(ckpt["rng"])
+        _truncate_metrics(out / METRICS_NAME, run.step)
+    else:
+        # Past every check: from here on the output directory is ours to (re)write.
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        atomic_write_text(
+            out / CONFIG_NAME,
+            json.dumps({"fingerprint": fingerprint(cfg), "config": cfg.to_dict()}, indent=2) + "\n",
+        )
+    del ckpt
+
+    data_info = {k: _jsonable(v) for k, v in data_statistics(prepared).items()}
+    data_info["cache_hit"] = bool(prepared.cache_hit)
+    quiet = cfg.quiet
+    bar = tqdm(total=cfg.steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=quiet or not sys.stderr.isatty())
+
+    def say(msg: str) -> None:
+        if not quiet:
+            bar.write(msg, file=sys.stdout)
+
+    t_start = time.perf_counter()
+
+    def wall() -> float:
+        return run.wall_before + (time.perf_counter() - t_start)
+
+    metrics = (out / METRICS_NAME).open("a", encoding="utf-8")
+
+    def write_line(rec: dict[str, Any]) -> None:
+        metrics.write(json.dumps(_jsonable(rec)) + "\n")
+        metrics.flush()
+
+    def do_eval() -> float:
+        with _eval_context(stepper):
+            val = evaluate(model, val_batches)
+        write_line({"type": "eval", "step": run.step, "tokens": run.tokens, "val_loss": val})
+        if run.initial_val_loss is None:
+            run.initial_val_loss = val
+        run.last_val_loss, run.last_val_step = val, run.step
+        if math.isfinite(val) and (run.best_val_loss is None or val < run.best_val_loss):
+            run.best_val_loss = val
+        hit = ""
+        if cfg.target_loss is not None and run.steps_to_target is None and val <= cfg.target_loss:
+            run.steps_to_target, run.tokens_to_target = run.step, run.tokens
+            hit = f" (target {cfg.target_loss} reached)"
+        say(f"step {run.step:>6}/{cfg.steps} | tokens {run.tokens:>12,} | val_loss {val:.4f}{hit}")
+        return val
+
+    def save() -> None:
+        metrics.flush()
+        os.fsync(metrics.fileno())  # every logged step of the checkpoint is on disk before it
+        save_checkpoint(out / CHECKPOINT_NAME,
+                        _checkpoint_state(cfg, model, stepper, batcher, run, wall(), vocab_size))
+
+    say(f"model {cfg.preset}: {n_params:,} parameters | data: {prepared.description} | device {device}, "
+        f"{threads} threads | {cfg.n_micro} micro-batches of {cfg.micro_batch_size}x{cfg.seq_len} per step")
+    batches: Iterator[tuple[Tensor, Tensor]] = iter(batcher)
+    stopped_early = False
+    try:
+        if run.step == 0:
+            do_eval()
+        while run.step < cfg.steps:
+            t0 = time.perf_counter()
+            rec = stepper.step(batches)
+            run.step += 1
+            run.train_tokens += int(rec.get("train_tokens", 0))
+            run.ls_tokens += int(rec.get("ls_tokens", 0))
+            run.passes += int(rec.get("passes", 0))
+            if rec.get("skipped"):
+                run.skipped_steps += 1
+                say(f"step {run.step}: non-finite gradient norm ({rec.get('grad_norm')}); step skipped.")
+            line: dict[str, Any] = {
+                "step": run.step,
+                "tokens": run.tokens,
+                "loss": rec.get("loss"),
+                "lr": rec.get("lr"),
+                "grad_norm": rec.get("grad_norm"),
+                "wall": wall(),
+                "step_seconds": time.perf_counter() - t0,
+            }
+            line.update({k: v for k, v in rec.items() if k not in line})
+            write_line(line)
+            loss = rec.get("loss")
+            bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) else loss,
+                            val=f"{run.last_val_loss:.4f}" if run.last_val_loss is not None else "-",
+                            refresh=False)
+            bar.update(1)
+            last = run.step == cfg.steps
+            if last or (cfg.eval_every and run.step % cfg.eval_every == 0):
+                do_eval()
+            stop_now = cfg.stop_after is not None and run.step >= cfg.stop_after and not last
+            if last or stop_now or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):
+                save()
+            if stop_now:
+                stopped_early = True
+                say(f"stopping after step {run.step} (--stop-after); continue with --resume.")
+                break
+    finally:
+        bar.close()
+        metrics.close()
+
+    summary = {
+        "optimizer": cfg.optimizer,
+        "preset": cfg.preset,
+        "batch_tokens": cfg.batch_tokens,
+        "micro_batch_size": cfg.micro_batch_size,
+        "n_micro": cfg.n_micro,
+        "seq_len": cfg.seq_len,
+        "completed": not stopped_early,
+        "steps": run.step,
+        "steps_planned": cfg.steps,
+        "tokens": run.tokens,
+        "train_tokens": run.train_tokens,
+        "ls_tokens": run.ls_tokens,
+        "passes": run.passes,
+        "skipped_steps": run.skipped_steps,
+        "initial_val_loss": run.initial_val_loss,
+        "final_val_loss": run.last_val_loss,
+        "final_val_step": run.last_val_step,
+        "best_val_loss": run.best_val_loss,
+        "target_loss": cfg.target_loss,
+        "steps_to_target": run.steps_to_target,
+        "tokens_to_target": run.tokens_to_target,
+        "eval_every": cfg.eval_every,
+        "eval_tokens": eval_tokens_used,
+        "wall_seconds": wall(),
+        "n_params": n_params,
+        "vocab_size": vocab_size,
+        "device": str(device),
+        "threads": threads,
+        "torch_version": torch.__version__,
+        "gnopt_version": gnopt.__version__,
+        "out": str(out),
+        "fingerprint": fingerprint(cfg),
+        "config": cfg.to_dict(),
+        "data": data_info,
+    }
+    atomic_write_text(out / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
+    return summary
