@@ -201,6 +201,20 @@ def test_out_dir_with_other_run_is_not_overwritten(capsys: pytest.CaptureFixture
     assert snapshot(finished_run) == before
 
 
+def test_run_that_died_before_its_first_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                   corpus: Path) -> None:
+    out = tmp_path / "run"
+    assert main(train_args(corpus, out)) == 0
+    (out / "checkpoint.pt").unlink()
+    (out / "summary.json").unlink()
+    before = snapshot(out)
+    assert "no checkpoint to resume from; start it over with --overwrite" in run_err(
+        capsys, train_args(corpus, out))
+    assert "stopped before its first checkpoint" in run_err(capsys, train_args(corpus, out, "--resume"))
+    assert snapshot(out) == before
+    assert main(train_args(corpus, out, "--overwrite")) == 0
+
+
 def test_overwrite_replaces_only_run_files(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                            corpus: Path) -> None:
     out = tmp_path / "run"

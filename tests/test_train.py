@@ -135,7 +135,7 @@ def test_resume_after_a_crash_is_bitwise_identical(corpus: Path, tmp_path: Path,
     assert s1["final_val_loss"] == s2["final_val_loss"] and s1["tokens"] == s2["tokens"]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "soap"])
+@pytest.mark.parametrize("optimizer", ["adamw", "soap", "gn"])
 def test_stop_after_then_resume_is_bitwise_identical(corpus: Path, tmp_path: Path, optimizer: str) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(tiny_args(corpus, straight, "--optimizer", optimizer)) == 0

@@ -165,6 +165,11 @@ def inspect_out_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: boo
     if resume:
         ckpt_path = out / CHECKPOINT_NAME
         if not ckpt_path.is_file():
+            if (out / CONFIG_NAME).exists():
+                raise GnoptError(
+                    f"--resume: the run in {out} stopped before its first checkpoint, so there is nothing to "
+                    "resume; start it over with --overwrite."
+                )
             raise GnoptError(
                 f"--resume: there is no checkpoint in {out} to resume from; run without --resume to start."
             )
@@ -183,6 +188,11 @@ def inspect_out_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: boo
         if isinstance(old_cfg, dict):
             diff = fingerprint_diff(old_cfg, fingerprint_fields(cfg))
             if not diff:
+                if not (out / CHECKPOINT_NAME).exists():
+                    raise GnoptError(
+                        f"{out} holds the start of this run but no checkpoint to resume from; start it over "
+                        "with --overwrite."
+                    )
                 raise GnoptError(
                     f"{out} already holds this run; continue it with --resume, or start it over with "
                     "--overwrite."
@@ -242,7 +252,7 @@ class _Run:
         self.step = 0
         self.train_tokens = 0
         self.ls_tokens = 0
-        self.passes = 0
+        self.passes: int | float = 0
         self.skipped_steps = 0
         self.wall_before = 0.0  # seconds spent in earlier invocations of a resumed run
         self.steps_to_target: int | None = None
@@ -342,7 +352,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         _truncate_metrics(out / METRICS_NAME, run.step)
     else:
         # Past every check: from here on the output directory is ours to (re)write.
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GnoptError(f"cannot create the output directory {out}: {exc.strerror}.") from None
         if overwrite:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
@@ -408,7 +421,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             run.step += 1
             run.train_tokens += int(rec.get("train_tokens", 0))
             run.ls_tokens += int(rec.get("ls_tokens", 0))
-            run.passes += int(rec.get("passes", 0))
+            run.passes += rec.get("passes", 0)  # GN counts fractional passes: keep floats as floats
             if rec.get("skipped"):
                 run.skipped_steps += 1
                 say(f"step {run.step}: non-finite gradient norm ({rec.get('grad_norm')}); step skipped.")
