@@ -250,6 +250,8 @@ def test_info_prints_block_counts(capsys: pytest.CaptureFixture[str], corpus: Pa
     assert main(["info", "--preset", "tiny", "--data", str(corpus), "--tokenizer", "bytes"]) == 0
     assert "train_tokens" in capsys.readouterr().out
     assert "unknown preset" in run_err(capsys, ["info", "--preset", "nope"])
+    assert main(["info", "--preset", "45m"]) == 0  # shape-only model; training batch settings not checked
+    assert "49,549,824" in capsys.readouterr().out
 
 
 def test_prepare_prints_statistics(capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path) -> None:

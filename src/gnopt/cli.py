@@ -53,7 +53,8 @@ FIELD_HELP: dict[str, str] = {
     "grad_clip": "global gradient-norm clip, 0 = off",
     "skip_nonfinite": "skip (and log) a step whose gradient norm is not finite",
     "steps": "optimizer steps",
-    "batch_tokens": "tokens per optimizer step (a multiple of micro-batch-size × seq-len)",
+    "batch_tokens": "tokens per optimizer step, a multiple of micro-batch-size × seq-len (default: the "
+    "multiple nearest 8192)",
     "micro_batch_size": "sequences per micro-batch (gradient accumulation / GN inner step)",
     "target_loss": "validation loss whose first crossing is recorded (steps_to_target, tokens_to_target)",
     "eval_every": "evaluate every N steps (0 = only at the start and the end)",
@@ -175,9 +176,14 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 def _data_cfg(ns: argparse.Namespace) -> TrainConfig:
     """A resolved config holding just the data/model fields given to prepare/info."""
     from gnopt.config import resolve
+    from gnopt.model import PRESETS
 
     given = _given(ns, ("data", "valid_data", "tokenizer", "vocab_size", "cache_dir", "preset", "seq_len"))
-    return resolve(config_from_mapping(given, where="the command line"))
+    cfg = config_from_mapping(given, where="the command line")
+    # No training happens here: make the batch fields trivially valid for any preset / seq_len.
+    seq_len = cfg.seq_len or (PRESETS[cfg.preset].seq_len if cfg.preset in PRESETS else 1)
+    cfg.micro_batch_size, cfg.batch_tokens, cfg.eval_tokens = 1, max(seq_len, 1), max(seq_len, 1)
+    return resolve(cfg)
 
 
 def _print_stats(stats: dict[str, Any]) -> None:
@@ -195,8 +201,7 @@ def _cmd_prepare(ns: argparse.Namespace) -> int:
     prepared = load_data(cfg)
     from gnopt.data import data_statistics
 
-    print(f"data: {prepared.description}")
-    print(f"cache: {prepared.path} ({'hit' if prepared.cache_hit else 'built'})")
+    print(f"data ({'cache hit' if prepared.cache_hit else 'tokenized now'}):")
     _print_stats(data_statistics(prepared))
     return 0
 
@@ -223,7 +228,7 @@ def _cmd_info(ns: argparse.Namespace) -> int:
     if prepared is not None:
         from gnopt.data import data_statistics
 
-        print(f"data: {prepared.description}")
+        print("data:")
         _print_stats(data_statistics(prepared))
     return 0
 

@@ -104,7 +104,7 @@ class TrainConfig:
     skip_nonfinite: bool = True
     # --- budget and batches ------------------------------------------------------------------------
     steps: int = 200
-    batch_tokens: int = 8192
+    batch_tokens: int | None = None  # None = the multiple of the micro-batch tokens nearest 8192 (>= 1 micro)
     micro_batch_size: int = 16
     # --- evaluation, checkpoints, run control ------------------------------------------------------
     target_loss: float | None = None
@@ -144,6 +144,8 @@ class TrainConfig:
     @property
     def n_micro(self) -> int:
         """Micro-batches per optimizer step (GN: N, the number of inner steps)."""
+        if self.batch_tokens is None:
+            raise GnoptError("internal: n_micro needs a resolved config (batch_tokens is None).")
         return self.batch_tokens // self.micro_batch_tokens
 
     @property
@@ -310,6 +312,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             )
     if r.seq_len is None:
         r.seq_len = preset.seq_len
+    for name in ("seq_len", "micro_batch_size"):  # needed by the batch_tokens default below
+        if getattr(r, name) < 1:
+            raise GnoptError(f"{name} must be a positive integer, got {getattr(r, name)}.")
+    if r.batch_tokens is None:
+        micro = r.micro_batch_size * r.seq_len
+        r.batch_tokens = max(1, round(8192 / micro)) * micro
     for name in ("seq_len", "steps", "batch_tokens", "micro_batch_size", "eval_tokens", "ls_range",
                  "cg_max_iters"):
         value = getattr(r, name)
@@ -366,7 +374,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             if not value.strip():
                 raise GnoptError(f"{name} is an empty path.")
             if not value.startswith("hf:"):  # hf:NAME[:CONFIG][:SPLIT] specs are not paths
-                setattr(r, name, str(Path(value).expanduser().absolute()))
+                # abspath (not Path.absolute) also folds "..", so equal paths compare equal
+                setattr(r, name, os.path.abspath(os.path.expanduser(value)))
     if r.out is None:
         r.out = str(Path("runs") / f"{r.optimizer}-{r.preset}")
     if not r.out.strip():
