@@ -409,7 +409,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                         _checkpoint_state(cfg, model, stepper, batcher, run, wall(), vocab_size))
 
     say(f"model {cfg.preset}: {n_params:,} parameters | data: {prepared.description} | device {device}, "
-        f"{threads} threads | {cfg.n_micro} micro-batches of {cfg.micro_batch_size}x{cfg.seq_len} per step")
+        f"{threads} thread{'s' if threads != 1 else ''} | {cfg.n_micro} micro-batches of "
+        f"{cfg.micro_batch_size}x{cfg.seq_len} per step")
     batches: Iterator[tuple[Tensor, Tensor]] = iter(batcher)
     stopped_early = False
     try:
