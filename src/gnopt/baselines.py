@@ -36,7 +36,6 @@ convention (nanoGPT, LLaMA).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,9 +44,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from gnopt.config import SCHEDULES, TrainConfig
+from gnopt.config import TrainConfig
 from gnopt.errors import GnoptError
 from gnopt.optim.routing import default_is_hidden_matrix, split_hidden_matrices
+from gnopt.optim.schedules import lr_multiplier
 
 #: torch.optim.Muon's per-shape learning-rate rule (see the module docstring).
 MUON_ADJUST_LR_FN = "original"
@@ -66,29 +66,6 @@ NamedParams = Sequence[tuple[str, Tensor]]
 # ------------------------------------------------------------------------------------------------------
 # schedule
 # ------------------------------------------------------------------------------------------------------
-
-
-def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate for the 0-based optimizer ``step`` of ``total_steps``.
-
-    * warmup: ``(step + 1) / warmup_steps`` for ``step < warmup_steps`` — the first step already moves
-      (a zero learning rate would waste a batch), and the peak is reached at step ``warmup_steps - 1``;
-    * then ``kind``: ``constant`` stays at 1; ``cosine`` / ``linear`` decay from 1 at step ``warmup_steps``
-      to exactly ``min_ratio`` at the last step ``total_steps - 1`` (and stay there beyond it).
-
-    Same formula as :func:`gnopt.optim.schedules.lr_multiplier` (baselines and GN must agree).
-    """
-    if kind not in SCHEDULES:
-        raise GnoptError(f"unknown schedule {kind!r}; valid schedules: {', '.join(SCHEDULES)}.")
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if kind == "constant":
-        return 1.0
-    decay_steps = max(total_steps - warmup_steps - 1, 1)
-    progress = min(max((step - warmup_steps) / decay_steps, 0.0), 1.0)
-    if kind == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
 
 
 def build_schedulers(optimizers: Iterable[Optimizer], cfg: TrainConfig) -> list[LambdaLR]:

@@ -259,7 +259,8 @@ class GaussNewton:
             rec.train_micro_batches += 1
             rec.train_tokens += self.loss.count(y)
             factor = float(self.schedule(self._t, i))
-            rec.lr_factor = factor
+            if i == 0:
+                rec.lr_factor = factor  # the multiplier the inner loop starts from
             for k, blk in enumerate(self._blocks):
                 tb = time.perf_counter()
                 loss0, q_minus_loss0, gnorm = self._inner_step(blk, theta, x, y, factor, rec)
