@@ -141,7 +141,7 @@ def test_inner_sgd_iterates_equal_dense_reference(
         got_hat = theta_hat_flat(gn, names)
         ref_hat = theta_t + delta
         assert rel_err(got_hat - theta_t, delta) < 1e-10, f"step {t}"
-        assert rec.lr_factor == pytest.approx(schedule(t, n_inner - 1), abs=0)
+        assert rec.lr_factor == pytest.approx(schedule(t, 0), abs=0)  # the loop's starting multiplier
         assert rec.loss == pytest.approx(D.loss, rel=1e-12)
         assert rec.q_start == pytest.approx(q_first, rel=1e-9, abs=1e-14)
         assert rec.q_end == pytest.approx(q_last, rel=1e-9, abs=1e-14)

@@ -26,6 +26,7 @@ The pieces are separate modules: products (:mod:`.linearize`), losses (:mod:`.lo
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -143,6 +144,10 @@ class GaussNewton:
         prox: proximal weight μ: adds μ‖θ̂ − θ_t‖²/2 to the inner objective (fixed).
         ema_decay: keep an exponential moving average of the outer iterates (``None``: off).
         inner_clip: clip each block's inner gradient to this global norm (``None``/0: off).
+        all_reduce_mean: data parallelism: a function returning the mean of a tensor over all processes
+            (e.g. ``torch.distributed.all_reduce`` with ``ReduceOp.AVG``). Each process feeds its shard of
+            every micro-batch; inner gradients, GN-vector products, losses and line-search losses are
+            averaged with it, so every process takes identical steps. ``None``: single process.
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class GaussNewton:
         prox: float = 0.0,
         ema_decay: float | None = None,
         inner_clip: float | None = 1.0,
+        all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if mode not in MODES:
             raise GnoptError(f"unknown GN mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -191,6 +197,7 @@ class GaussNewton:
         self.prox = float(prox)
         self.ema_decay = ema_decay
         self.inner_clip = inner_clip if inner_clip else None
+        self._all_reduce_mean = all_reduce_mean
 
         if partition is None or partition == "full":
             part = Partition.full(model)
@@ -303,14 +310,14 @@ class GaussNewton:
 
         _, _, grads = linearized_pass(self.model, theta, x, tangent=delta, wrt=blk.names, cotangent=cotangent)
         rec.passes += _FWD + _BWD + (0.0 if delta is None else _TANGENT)
+        grads = self._mean_over_processes(grads)
+        loss0, model_value = self._scalars(out["loss0"], out["model"])
         reg = self.damping + self.prox
-        model_value = float(out["model"])
         if reg and delta is not None:
             for n in blk.names:
                 grads[n].add_(delta[n], alpha=reg)
             model_value += 0.5 * reg * float(_dot(delta, delta))
         gnorm = _norm(grads)
-        loss0 = float(out["loss0"])
         if not math.isfinite(gnorm):
             rec.inner_nonfinite += 1  # skip this update: θ̂ is never corrupted by a bad micro-batch
             return loss0, model_value - loss0, gnorm
@@ -341,7 +348,7 @@ class GaussNewton:
             )
             rec.cg_iters.append(iters)
             rec.cg_rel_residual.append(rel)
-            finite = _all_finite(sol)
+            finite = _all_finite(sol) and math.isfinite(rel)
             if not finite:
                 rec.inner_nonfinite += 1
             with torch.no_grad():
@@ -369,7 +376,8 @@ class GaussNewton:
             total += float(held["value"])
             for n in names:
                 g[n].add_(gb[n], alpha=1.0 / len(batches))
-        return g, total / len(batches)
+        (mean_loss,) = self._scalars(total / len(batches))
+        return self._mean_over_processes(g), mean_loss
 
     def _gv(
         self, theta: Dict, batches: list[Batch], names: tuple[str, ...], v: Dict, rec: GNStepRecord
@@ -385,6 +393,7 @@ class GaussNewton:
             rec.passes += _FWD + _TANGENT + _BWD
             for n in names:
                 acc[n].add_(pb[n], alpha=1.0 / len(batches))
+        acc = self._mean_over_processes(acc)
         reg = self.damping + self.prox
         if reg:
             for n in names:
@@ -397,36 +406,40 @@ class GaussNewton:
         ls = self.line_search
         alphas = ls.alphas()
         nb = len(batches)
-        m1 = m2 = 0.0  # GN model along d: q(α) − L0 = α·m1 + α²/2·m2   (averaged over batches)
-        # prox-linear model along d, L(z₀ + α·J d), for every α: scalars only, so memory stays flat in N.
-        prox_model = [0.0] * len(alphas)
-        loss_at_theta: float | None = None
+        # Sums over the line-search batches, kept as tensors (one sync and one collective at the end):
+        # [L(θ_t), gᵀJd, (Jd)ᵀH(Jd)] and, for prox-linear, the linearized model's loss at every α.
+        model_sums: list[Tensor] = []
+        prox_sums: list[Tensor] = []
         if ls.model_decrease:
-            total = 0.0
+            model_sums = [torch.zeros((), dtype=torch.float64) for _ in range(3)]
+            prox_sums = [torch.zeros((), dtype=torch.float64) for _ in alphas]
             for x, y in batches:
                 z0, u = jvp(self.model, theta, x, d)
                 rec.passes += _FWD + _TANGENT
                 loc = self.loss.local(z0, y)
-                total += float(loc.value)
-                g_u, u_h_u = loc.directional(u)
-                m1 += float(g_u) / nb
-                m2 += float(u_h_u) / nb
+                for k, v in enumerate((loc.value, *loc.directional(u))):
+                    model_sums[k] += v.detach().double().cpu()
                 if self.mode == "prox_linear":
                     for k, a in enumerate(alphas):
-                        prox_model[k] += float(self.loss.value(z0 + a * u, y)) / nb
+                        prox_sums[k] += self.loss.value(z0 + a * u, y).double().cpu()
                 del z0, u, loc
-            loss_at_theta = total / nb
-        losses: list[float] = []
+        loss_sums: list[Tensor] = []
         for a in alphas:
-            if a == 0.0 and loss_at_theta is not None:
-                losses.append(loss_at_theta)
+            if a == 0.0 and ls.model_decrease:
+                loss_sums.append(model_sums[0].clone())
                 continue
             params = {n: theta[n] + a * d[n] for n in theta} if a != 0.0 else theta
-            total = 0.0
+            total = torch.zeros((), dtype=torch.float64)
             for x, y in batches:
-                total += float(self.loss.value(call(self.model, params, x), y))
+                total += self.loss.value(call(self.model, params, x), y).double().cpu()
                 rec.passes += _FWD
-            losses.append(total / nb)
+            loss_sums.append(total)
+        means = [v / nb for v in self._scalars(*loss_sums, *model_sums, *prox_sums)]
+        losses = means[: len(alphas)]
+        loss_at_theta: float | None = None
+        if ls.model_decrease:
+            loss_at_theta, m1, m2 = means[len(alphas): len(alphas) + 3]
+            prox_model = means[len(alphas) + 3:]
         rec.alphas, rec.ls_losses, rec.ls_loss_at_theta = alphas, losses, loss_at_theta
         k = select(alphas, losses)
         if k is None:
@@ -478,6 +491,28 @@ class GaussNewton:
                     e.lerp_(self._params[n].detach(), 1.0 - self.ema_decay)
 
     # ------------------------------------------------------------------ helpers
+    def _mean_over_processes(self, d: Dict) -> Dict:
+        """Average a dict of tensors over data-parallel processes (one collective call)."""
+        if self._all_reduce_mean is None or not d:
+            return d
+        names = list(d)
+        flat = self._all_reduce_mean(torch.cat([d[n].reshape(-1) for n in names]))
+        out: Dict = {}
+        offset = 0
+        for n in names:
+            k = d[n].numel()
+            out[n] = flat[offset:offset + k].view_as(d[n])
+            offset += k
+        return out
+
+    def _scalars(self, *values: Tensor | float) -> list[float]:
+        """Python floats of ``values``, averaged over data-parallel processes (one collective call)."""
+        vec = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for v in values])
+        if self._all_reduce_mean is not None:
+            device = next(iter(self._params.values())).device
+            vec = self._all_reduce_mean(vec.to(device)).cpu()
+        return vec.tolist()
+
     def _theta(self) -> Dict:
         return {n: self._params[n].detach() for blk in self._blocks for n in blk.names}
 
@@ -537,7 +572,8 @@ class GaussNewton:
                     "label": blk.label,
                     "theta_hat": {n: v.detach().clone() for n, v in blk.theta_hat.items()},
                     "at_origin": blk.at_origin,
-                    "optimizer": blk.optimizer.state_dict() if blk.optimizer is not None else None,
+                    # deep copy: torch's Optimizer.state_dict() returns live references to its state
+                    "optimizer": None if blk.optimizer is None else copy.deepcopy(blk.optimizer.state_dict()),
                 }
                 for blk in self._blocks
             ],
@@ -561,7 +597,7 @@ class GaussNewton:
                 blk.theta_hat[n].copy_(sb["theta_hat"][n])
             blk.at_origin = bool(sb["at_origin"])
             if blk.optimizer is not None and sb["optimizer"] is not None:
-                blk.optimizer.load_state_dict(sb["optimizer"])
+                blk.optimizer.load_state_dict(copy.deepcopy(sb["optimizer"]))
         self._t = int(state["t"])
         self.damping = float(state["damping"])
         self._ema = None if state["ema"] is None else {n: e.clone() for n, e in state["ema"].items()}

@@ -134,6 +134,9 @@ class SoftmaxCrossEntropy(OutputLoss):
         self.ignore_index = ignore_index
 
     def value(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if not bool((targets != self.ignore_index).any()):
+            # No counted token: the loss is 0 (as in local()), not F.cross_entropy's 0/0 = NaN.
+            return outputs.sum() * 0.0
         return F.cross_entropy(
             outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), ignore_index=self.ignore_index
         )
@@ -187,11 +190,10 @@ class _AutogradLocal(LocalLoss):
         return self._grad
 
     def hvp(self, v: Tensor) -> Tensor:
-        def grad_fn(z: Tensor) -> Tensor:
-            return torch.func.grad(lambda zz: self._fn(zz, self._y))(z)
-
-        _, hv = torch.func.jvp(grad_fn, (self._z,), (v,))
-        return hv
+        # Reverse-over-reverse (H is symmetric, so vᵀH = (Hv)ᵀ): forward-over-reverse trips over some
+        # losses' backward formulas (mse_loss: "ZeroTensors are immutable").
+        _, vjp_fn = torch.func.vjp(torch.func.grad(lambda zz: self._fn(zz, self._y)), self._z)
+        return vjp_fn(v)[0]
 
 
 class AutogradLoss(OutputLoss):
