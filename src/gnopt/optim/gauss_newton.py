@@ -60,7 +60,8 @@ class GNStepRecord:
 
     ``q_start`` / ``q_end`` are the model's value minus the loss at θ_t (the model decrease, summed over
     blocks) at the first and last inner step: a warm-started inner iterate that is already worse than θ_t
-    under the model shows up as ``q_start > 0``.
+    under the model shows up as ``q_start > 0``. ``q_trace`` holds the same quantity at the inner steps
+    ``q_trace_steps`` (at most five: first, last and every ⌊N/4⌋-th).
     """
 
     step: int
@@ -76,6 +77,8 @@ class GNStepRecord:
     rho: float | None = None
     q_start: float | None = None
     q_end: float | None = None
+    q_trace: list[float] = field(default_factory=list)
+    q_trace_steps: list[int] = field(default_factory=list)
     inner_grad_norm_first: float | None = None
     inner_grad_norm_last: float | None = None
     inner_grad_norm_mean: float | None = None
@@ -256,8 +259,10 @@ class GaussNewton:
     def _inner_loop(
         self, theta: Dict, batches: Iterator[Batch], kept: list[Batch] | None, rec: GNStepRecord
     ) -> None:
-        q_first: list[float] = []
-        q_last: list[float] = []
+        n = self.inner_steps
+        every = max(1, n // 4)  # the model value is traced at ≤ 5 inner steps (it costs two logit passes)
+        traced = [i for i in range(n) if i % every == 0 or i == n - 1]
+        q_sums = {i: 0.0 for i in traced}
         norms: list[float] = []
         losses: list[float] = []
         block_seconds = [0.0] * len(self._blocks)
@@ -270,17 +275,17 @@ class GaussNewton:
                 rec.lr_factor = factor  # the multiplier the inner loop starts from
             for k, blk in enumerate(self._blocks):
                 tb = time.perf_counter()
-                loss0, q_minus_loss0, gnorm = self._inner_step(blk, theta, x, y, factor, rec)
+                loss0, q_minus_loss0, gnorm = self._inner_step(blk, theta, x, y, factor, rec, i in q_sums)
                 block_seconds[k] += time.perf_counter() - tb
                 if k == 0:
                     losses.append(loss0)
-                if i == 0:
-                    q_first.append(q_minus_loss0)
-                if i == self.inner_steps - 1:
-                    q_last.append(q_minus_loss0)
+                if q_minus_loss0 is not None:
+                    q_sums[i] += q_minus_loss0
                 norms.append(gnorm)
         rec.loss = sum(losses) / len(losses)
-        rec.q_start, rec.q_end = sum(q_first), sum(q_last)
+        rec.q_trace = [q_sums[i] for i in traced]
+        rec.q_trace_steps = traced
+        rec.q_start, rec.q_end = rec.q_trace[0], rec.q_trace[-1]
         finite = [g for g in norms if math.isfinite(g)]
         rec.inner_grad_norm_first = norms[0]
         rec.inner_grad_norm_last = norms[-1]
@@ -288,9 +293,9 @@ class GaussNewton:
         rec.block_seconds = block_seconds
 
     def _inner_step(
-        self, blk: _Block, theta: Dict, x: Any, y: Tensor, factor: float, rec: GNStepRecord
-    ) -> tuple[float, float, float]:
-        """One inner step of one block; returns (L(θ_t), model value − L(θ_t), inner grad norm)."""
+        self, blk: _Block, theta: Dict, x: Any, y: Tensor, factor: float, rec: GNStepRecord, trace: bool
+    ) -> tuple[float, float | None, float]:
+        """One inner step of one block: (L(θ_t), model − L(θ_t) if ``trace`` else None, inner grad norm)."""
         delta = None if blk.at_origin else {n: blk.theta_hat[n].detach() - theta[n] for n in blk.names}
         out: dict[str, Tensor] = {}
 
@@ -301,8 +306,9 @@ class GaussNewton:
                 out["model"] = loc.value
                 return loc.grad
             if self.mode == "gn":
-                r, g_u, u_h_u = loc.gn_cotangent(u)
-                out["model"] = loc.value + g_u + 0.5 * u_h_u
+                r, g_u, u_h_u = loc.gn_cotangent(u, terms=trace)
+                if g_u is not None and u_h_u is not None:
+                    out["model"] = loc.value + g_u + 0.5 * u_h_u
                 return r
             value, grad = self.loss.value_and_grad(z0 + u, y)
             out["model"] = value
@@ -311,16 +317,17 @@ class GaussNewton:
         _, _, grads = linearized_pass(self.model, theta, x, tangent=delta, wrt=blk.names, cotangent=cotangent)
         rec.passes += _FWD + _BWD + (0.0 if delta is None else _TANGENT)
         grads = self._mean_over_processes(grads)
-        loss0, model_value = self._scalars(out["loss0"], out["model"])
+        loss0, model_value = self._scalars(out["loss0"], out.get("model", out["loss0"]))
         reg = self.damping + self.prox
         if reg and delta is not None:
             for n in blk.names:
                 grads[n].add_(delta[n], alpha=reg)
             model_value += 0.5 * reg * float(_dot(delta, delta))
+        q_minus_loss0 = model_value - loss0 if (trace or self.mode != "gn") else None
         gnorm = _norm(grads)
         if not math.isfinite(gnorm):
             rec.inner_nonfinite += 1  # skip this update: θ̂ is never corrupted by a bad micro-batch
-            return loss0, model_value - loss0, gnorm
+            return loss0, q_minus_loss0, gnorm
         scale = self.inner_clip / gnorm if self.inner_clip and gnorm > self.inner_clip else 1.0
         for n in blk.names:
             blk.theta_hat[n].grad = grads[n].mul_(scale) if scale != 1.0 else grads[n]
@@ -330,7 +337,7 @@ class GaussNewton:
         blk.optimizer.step()
         blk.optimizer.zero_grad(set_to_none=True)
         blk.at_origin = False
-        return loss0, model_value - loss0, gnorm
+        return loss0, q_minus_loss0, gnorm
 
     # ------------------------------------------------------------------ inner solve (CG)
     def _solve_cg(self, theta: Dict, batches: list[Batch], rec: GNStepRecord) -> None:

@@ -40,12 +40,15 @@ class LocalLoss(ABC):
         """``(g_zᵀ u, uᵀ H_z u)``: the GN model along ``u`` is ``value + a + b/2``."""
         return (self.grad * u).sum(), (u * self.hvp(u)).sum()
 
-    def gn_cotangent(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def gn_cotangent(self, u: Tensor, *, terms: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(g_z + H_z u, g_zᵀ u, uᵀ H_z u)``: the inner-step cotangent and the model terms at once.
 
-        Subclasses may fuse this (cross-entropy does: it is the memory-bound hot spot on the logits).
+        With ``terms=False`` the two scalars are skipped (returned as ``None``). Subclasses may fuse this
+        (cross-entropy does: it is the memory-bound hot spot on the logits).
         """
         hu = self.hvp(u)
+        if not terms:
+            return self.grad + hu, None, None
         return self.grad + hu, (self.grad * u).sum(), (u * hu).sum()
 
 
@@ -103,24 +106,29 @@ class _CELocal(LocalLoss):
         out.addcmul_(self._p, pv, value=-1.0)
         return out.mul_(self._w).reshape(self._shape)
 
-    def _terms(self, u2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        pu = torch.linalg.vecdot(self._p, u2)  # pᵀu per token
-        pu_u = self._p * u2
-        puu = torch.linalg.vecdot(pu_u, u2)  # Σ_j p_j u_j² per token
+    def _model_terms(self, pu_u: Tensor, pu: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
         w = self._w.squeeze(1)
+        puu = torch.linalg.vecdot(pu_u, u2)  # Σ_j p_j u_j² per token
         g_u = (w * (pu - u2.gather(1, self._y).squeeze(1))).sum()
         u_h_u = (w * (puu - pu * pu)).sum()
-        return pu_u, g_u, u_h_u, pu
-
-    def directional(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        _, g_u, u_h_u, _ = self._terms(u.reshape(self._p.shape))
         return g_u, u_h_u
 
-    def gn_cotangent(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # r = w ⊙ (p + p⊙u − p (pᵀu) − onehot(y)), reusing the p⊙u buffer: six passes over the logits.
-        r, g_u, u_h_u, pu = self._terms(u.reshape(self._p.shape))
-        r.addcmul_(self._p, pu[:, None], value=-1.0).add_(self._p)
-        return self._minus_onehot_weighted(r).reshape(self._shape), g_u, u_h_u
+    def directional(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        u2 = u.reshape(self._p.shape)
+        pu_u = self._p * u2
+        return self._model_terms(pu_u, pu_u.sum(dim=-1), u2)
+
+    def gn_cotangent(self, u: Tensor, *, terms: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        # r = w ⊙ (p ⊙ (1 + u − pᵀu) − onehot(y)) = p ⊙ (c + w·u) − w·onehot with c = w (1 − pᵀu):
+        # four passes over the logits (two more for the model terms).
+        u2 = u.reshape(self._p.shape)
+        pu_u = self._p * u2
+        pu = pu_u.sum(dim=-1)
+        g_u, u_h_u = self._model_terms(pu_u, pu, u2) if terms else (None, None)
+        del pu_u
+        r = torch.addcmul(self._w * (1.0 - pu[:, None]), u2, self._w).mul_(self._p)
+        r.scatter_add_(1, self._y, -self._w.expand(-1, 1).to(r.dtype))
+        return r.reshape(self._shape), g_u, u_h_u
 
 
 class SoftmaxCrossEntropy(OutputLoss):
