@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from gnopt.errors import GnoptError
 from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain
 from gnopt.optim.line_search import LineSearch, select
-from gnopt.optim.linearize import call, jvp, linearized_pass
-from gnopt.optim.losses import OutputLoss
+from gnopt.optim.linearize import call, forward_with_graph, jvp, linearized_pass, pullback
+from gnopt.optim.losses import LocalLoss, OutputLoss
 from gnopt.optim.partition import Partition
 from gnopt.optim.schedules import InnerSchedule
 
@@ -90,6 +90,7 @@ class GNStepRecord:
     cg_iters: list[int] = field(default_factory=list)
     cg_rel_residual: list[float] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
+    shared_forward_seconds: float = 0.0
     time_inner: float = 0.0
     time_line_search: float = 0.0
     train_micro_batches: int = 0
@@ -215,6 +216,7 @@ class GaussNewton:
         self.partition = part
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self._blocks = [_Block(label, names) for label, names in zip(part.labels, part.blocks, strict=True)]
+        self._names = [n for blk in self._blocks for n in blk.names]
         for blk in self._blocks:
             self._reset_block(blk, fresh_optimizer=True)
         self._t = 0
@@ -266,6 +268,7 @@ class GaussNewton:
         norms: list[float] = []
         losses: list[float] = []
         block_seconds = [0.0] * len(self._blocks)
+        shared_seconds = 0.0
         for i in range(self.inner_steps):
             x, y = kept[i] if kept is not None else self._next(batches)
             rec.train_micro_batches += 1
@@ -273,15 +276,25 @@ class GaussNewton:
             factor = float(self.schedule(self._t, i))
             if i == 0:
                 rec.lr_factor = factor  # the multiplier the inner loop starts from
+            ts = time.perf_counter()
+            # One primal forward with a reverse graph, shared by every block: all are linearized at θ_t.
+            z, leaves = forward_with_graph(self.model, theta, x, self._names)
+            loc = self.loss.local(z.detach(), y)
+            rec.passes += _FWD
+            (loss0,) = self._scalars(loc.value)
+            losses.append(loss0)
+            shared_seconds += time.perf_counter() - ts
             for k, blk in enumerate(self._blocks):
                 tb = time.perf_counter()
-                loss0, q_minus_loss0, gnorm = self._inner_step(blk, theta, x, y, factor, rec, i in q_sums)
+                last = k == len(self._blocks) - 1
+                q_minus_loss0, gnorm = self._inner_step(
+                    blk, theta, x, y, z, leaves, loc, loss0, factor, rec, trace=i in q_sums, retain=not last
+                )
                 block_seconds[k] += time.perf_counter() - tb
-                if k == 0:
-                    losses.append(loss0)
                 if q_minus_loss0 is not None:
                     q_sums[i] += q_minus_loss0
                 norms.append(gnorm)
+            del z, leaves, loc
         rec.loss = sum(losses) / len(losses)
         rec.q_trace = [q_sums[i] for i in traced]
         rec.q_trace_steps = traced
@@ -291,43 +304,59 @@ class GaussNewton:
         rec.inner_grad_norm_last = norms[-1]
         rec.inner_grad_norm_mean = sum(finite) / len(finite) if finite else float("nan")
         rec.block_seconds = block_seconds
+        rec.shared_forward_seconds = shared_seconds
 
     def _inner_step(
-        self, blk: _Block, theta: Dict, x: Any, y: Tensor, factor: float, rec: GNStepRecord, trace: bool
-    ) -> tuple[float, float | None, float]:
-        """One inner step of one block: (L(θ_t), model − L(θ_t) if ``trace`` else None, inner grad norm)."""
-        delta = None if blk.at_origin else {n: blk.theta_hat[n].detach() - theta[n] for n in blk.names}
-        out: dict[str, Tensor] = {}
+        self,
+        blk: _Block,
+        theta: Dict,
+        x: Any,
+        y: Tensor,
+        z: Tensor,
+        leaves: Dict,
+        loc: LocalLoss,
+        loss0: float,
+        factor: float,
+        rec: GNStepRecord,
+        *,
+        trace: bool,
+        retain: bool,
+    ) -> tuple[float | None, float]:
+        """One inner step of one block on the micro-batch whose forward graph is ``z`` (``loc`` = L at z₀).
 
-        def cotangent(z0: Tensor, u: Tensor | None) -> Tensor:
-            loc = self.loss.local(z0, y)
-            out["loss0"] = loc.value
-            if u is None:
-                out["model"] = loc.value
-                return loc.grad
+        Returns (model value − L(θ_t) if ``trace`` or prox-linear, else None; the inner gradient norm).
+        """
+        delta = None if blk.at_origin else {n: blk.theta_hat[n].detach() - theta[n] for n in blk.names}
+        model_value: Tensor | float | None = None
+        if delta is None:  # Δ = 0: the model's gradient is the loss gradient
+            r = loc.grad
+            model_value = loss0
+        else:
+            _, u = jvp(self.model, theta, x, delta)
+            rec.passes += _FWD + _TANGENT
             if self.mode == "gn":
                 r, g_u, u_h_u = loc.gn_cotangent(u, terms=trace)
                 if g_u is not None and u_h_u is not None:
-                    out["model"] = loc.value + g_u + 0.5 * u_h_u
-                return r
-            value, grad = self.loss.value_and_grad(z0 + u, y)
-            out["model"] = value
-            return grad
-
-        _, _, grads = linearized_pass(self.model, theta, x, tangent=delta, wrt=blk.names, cotangent=cotangent)
-        rec.passes += _FWD + _BWD + (0.0 if delta is None else _TANGENT)
+                    model_value = loc.value + g_u + 0.5 * u_h_u
+            else:
+                model_value, r = self.loss.value_and_grad(z.detach() + u, y)
+            del u
+        grads = pullback(z, leaves, blk.names, r, retain_graph=retain)
+        rec.passes += _BWD
+        del r
         grads = self._mean_over_processes(grads)
-        loss0, model_value = self._scalars(out["loss0"], out.get("model", out["loss0"]))
+        mv = self._scalars(model_value)[0] if model_value is not None else None
         reg = self.damping + self.prox
         if reg and delta is not None:
             for n in blk.names:
                 grads[n].add_(delta[n], alpha=reg)
-            model_value += 0.5 * reg * float(_dot(delta, delta))
-        q_minus_loss0 = model_value - loss0 if (trace or self.mode != "gn") else None
+            if mv is not None:
+                mv += 0.5 * reg * float(_dot(delta, delta))
+        q_minus_loss0 = mv - loss0 if mv is not None and (trace or self.mode != "gn") else None
         gnorm = _norm(grads)
         if not math.isfinite(gnorm):
             rec.inner_nonfinite += 1  # skip this update: θ̂ is never corrupted by a bad micro-batch
-            return loss0, q_minus_loss0, gnorm
+            return q_minus_loss0, gnorm
         scale = self.inner_clip / gnorm if self.inner_clip and gnorm > self.inner_clip else 1.0
         for n in blk.names:
             blk.theta_hat[n].grad = grads[n].mul_(scale) if scale != 1.0 else grads[n]
@@ -337,7 +366,7 @@ class GaussNewton:
         blk.optimizer.step()
         blk.optimizer.zero_grad(set_to_none=True)
         blk.at_origin = False
-        return loss0, q_minus_loss0, gnorm
+        return q_minus_loss0, gnorm
 
     # ------------------------------------------------------------------ inner solve (CG)
     def _solve_cg(self, theta: Dict, batches: list[Batch], rec: GNStepRecord) -> None:
