@@ -66,6 +66,7 @@ FIELD_HELP: dict[str, str] = {
     "device": f"one of {', '.join(DEVICES)}",
     "quiet": "no progress bar and no per-evaluation lines",
     "stop_after": "stop this invocation after step N (checkpointed, continue with --resume)",
+    "dist_timeout": "seconds a data-parallel (torchrun) collective waits for the other ranks before failing",
     "inner_optimizer": f"GN inner optimizer: {', '.join(INNER_OPTIMIZERS)}",
     "gn_schedule": f"GN inner learning-rate schedule: {', '.join(GN_SCHEDULES)}",
     "ls_range": "GN line search: number of step sizes alpha in the grid",
@@ -150,6 +151,7 @@ def _given(ns: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     from gnopt.config import resolve, to_toml
+    from gnopt.distributed import env_rank
     from gnopt.train import train
 
     values: dict[str, Any] = {}
@@ -161,15 +163,18 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     cfg = config_from_mapping(flags, base=cfg, where=where)
     cfg = resolve(cfg)
     logging.getLogger("gnopt").setLevel(logging.WARNING if cfg.quiet else logging.INFO)
-    print("# gnopt train: resolved config (TOML; reusable with --config)")
-    print(to_toml(cfg), end="", flush=True)
+    main_rank = env_rank() == 0  # under torchrun only rank 0 prints
+    if main_rank:
+        print("# gnopt train: resolved config (TOML; reusable with --config)")
+        print(to_toml(cfg), end="", flush=True)
     summary = train(cfg, resume=ns.resume, overwrite=ns.overwrite)
-    print(
-        f"done: {summary['steps']} steps, {summary['tokens']} tokens, final val loss "
-        f"{summary['final_val_loss']:.4f}, steps to target {summary['steps_to_target']}, "
-        f"{summary['wall_seconds']:.1f}s -> {summary['out']}",
-        flush=True,
-    )
+    if main_rank:
+        print(
+            f"done: {summary['steps']} steps, {summary['tokens']} tokens, final val loss "
+            f"{summary['final_val_loss']:.4f}, steps to target {summary['steps_to_target']}, "
+            f"{summary['wall_seconds']:.1f}s -> {summary['out']}",
+            flush=True,
+        )
     return 0
 
 

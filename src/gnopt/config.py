@@ -70,7 +70,8 @@ DEFAULT_LRS: dict[str, tuple[float, float | None]] = {
 #: Fields that control *how* a run executes but not *what* it computes. They are left out of the
 #: fingerprint, so a run may be resumed with another thread count, device, output path or cadence.
 RUN_CONTROL_FIELDS: frozenset[str] = frozenset(
-    {"out", "threads", "device", "quiet", "stop_after", "eval_every", "ckpt_every", "cache_dir"}
+    {"out", "threads", "device", "quiet", "stop_after", "eval_every", "ckpt_every", "cache_dir",
+     "dist_timeout"}
 )
 
 
@@ -117,6 +118,7 @@ class TrainConfig:
     device: str = "auto"
     quiet: bool = False
     stop_after: int | None = None  # stop this invocation after that step (checkpointed; resume later)
+    dist_timeout: float = 300.0  # seconds a data-parallel collective waits for the other ranks (torchrun)
     # --- Gauss-Newton (consumed by gnopt.gn_stepper) -----------------------------------------------
     inner_optimizer: str = "muon"
     gn_schedule: str = "constant_with_inner_cosine"
@@ -330,6 +332,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise GnoptError(f"{name} must be >= 0, got {getattr(r, name)}.")
     if r.threads is not None and r.threads < 1:
         raise GnoptError(f"threads must be >= 1, got {r.threads}.")
+    _positive("dist_timeout", r.dist_timeout)
     if r.stop_after is not None and not 1 <= r.stop_after <= r.steps:
         raise GnoptError(f"stop_after must lie in [1, steps={r.steps}], got {r.stop_after}.")
 
