@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gnopt import distributed
 from gnopt.config import TrainConfig
 from gnopt.errors import GnoptError
 from gnopt.optim import (
@@ -88,11 +89,17 @@ def build_gauss_newton(cfg: TrainConfig, model: nn.Module) -> GaussNewton:
         prox=cfg.prox,
         ema_decay=cfg.ema_decay,
         inner_clip=cfg.inner_clip,
+        all_reduce_mean=distributed.all_reduce_mean if distributed.world_size() > 1 else None,
     )
 
 
 class GNStepper:
-    """One GN outer step per training step; logs the step record's scalars."""
+    """One GN outer step per training step; logs the step record's scalars.
+
+    Under data parallelism (:mod:`gnopt.distributed`) the :class:`~gnopt.optim.GaussNewton` averages inner
+    gradients, GN-vector products, losses and line-search losses over the processes, so every process
+    holds the same θ, inner iterate and inner optimizer state.
+    """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module) -> None:
         self.cfg = cfg
@@ -103,6 +110,10 @@ class GNStepper:
     def step(self, batches: Iterator[tuple[Tensor, Tensor]]) -> dict[str, Any]:
         rec = self.gn.step(batches)
         out = rec.to_dict()
+        # Under data parallelism the record counts this process's shard: report global token counts.
+        k = distributed.world_size()
+        out["train_tokens"] = rec.train_tokens * k
+        out["ls_tokens"] = rec.ls_tokens * k
         out["lr"] = self.peak_lr * (rec.lr_factor if rec.lr_factor is not None else 1.0)
         out["grad_norm"] = rec.inner_grad_norm_first
         out.pop("step", None)

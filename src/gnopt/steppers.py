@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gnopt import distributed
 from gnopt.baselines import build_baseline_optimizers, build_schedulers
 from gnopt.config import BASELINE_OPTIMIZERS, GN_OPTIMIZERS, TrainConfig
 from gnopt.errors import GnoptError
@@ -87,6 +88,10 @@ class BaselineStepper:
     A step whose gradient norm is not finite is skipped when ``skip_nonfinite`` (the default): gradients
     are dropped, the weights and optimizer states are untouched, and the step is logged with
     ``skipped = 1``. The learning-rate schedule still advances, so the run keeps its length in steps.
+
+    Under data parallelism (:mod:`gnopt.distributed`) the batches are this process's shards; gradients
+    and loss are averaged over the processes before clipping, so the norm, the skip decision and the
+    update are the same on every process.
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module) -> None:
@@ -113,10 +118,35 @@ class BaselineStepper:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
+    def _mean_over_processes(self, loss: Tensor) -> Tensor:
+        """Data parallelism: average the accumulated gradients (one collective per dtype) and the loss.
+
+        Each process accumulated the gradient of its shard's token-mean loss; shards are equal-size, so
+        the mean over processes is the gradient of the global batch. A parameter without a gradient on
+        this process gets a zero one, so every process contributes the same buffer layout.
+        """
+        if distributed.world_size() == 1:
+            return loss
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        with torch.no_grad():
+            for params in by_dtype.values():
+                flat = distributed.all_reduce_mean(torch.cat([p.grad.reshape(-1) for p in params]))
+                offset = 0
+                for p in params:
+                    n = p.grad.numel()
+                    p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                    offset += n
+        return distributed.all_reduce_mean(loss.reshape(1)).reshape(())
+
     def step(self, batches: Iterator[Batch]) -> dict[str, float]:
         self.model.train()
         self.zero_grad()
-        loss = float(accumulate_gradients(self.model, batches, self.n_micro))
+        loss_t = accumulate_gradients(self.model, batches, self.n_micro)
+        loss = float(self._mean_over_processes(loss_t))
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
         norm = float(grad_norm)
