@@ -7,7 +7,12 @@ converted to that form here.
 
 Writes go to a temporary file in the same directory, are ``fsync``-ed, then ``os.replace``-d over the old
 checkpoint (and the directory is fsync-ed), so a crash leaves either the old or the new checkpoint, never a
-torn one.
+torn one. A process killed mid-write leaves only its temporary file (``.checkpoint.pt.*.tmp``), which
+:func:`remove_stale_temp_files` deletes on the next resume.
+
+Test hook (tests only, never set it otherwise): the environment variable
+``GNOPT_TEST_CHECKPOINT_WRITE_DELAY=<seconds>`` makes :func:`save_checkpoint` sleep between writing the
+temporary file and renaming it, so a test can kill the process in the middle of a checkpoint write.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import os
 import pickle
 import random
 import tempfile
+import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,8 @@ from gnopt.errors import GnoptError
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Bumped when the checkpoint layout changes incompatibly.
 CHECKPOINT_FORMAT = 1
+#: Test-only environment hook: seconds to sleep inside a checkpoint write, before the rename.
+TEST_WRITE_DELAY_ENV = "GNOPT_TEST_CHECKPOINT_WRITE_DELAY"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -43,16 +52,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> Path:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, ``os.replace`` it over ``path``."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], write: Any,
+                       before_replace: Callable[[], None] | None = None) -> Path:
+    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, ``os.replace`` it over ``path``,
+    fsync the directory. ``before_replace`` (if given) runs between the fsync and the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600); use the usual mode
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,10 +90,31 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes of ``path`` left behind; return them.
+
+    Only for a file that no live process is writing (gnopt calls it when a run starts or resumes).
+    """
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(_temp_prefix(path) + "*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _test_write_delay() -> None:
+    """Test hook: sleep ``$GNOPT_TEST_CHECKPOINT_WRITE_DELAY`` seconds (unset: do nothing)."""
+    value = os.environ.get(TEST_WRITE_DELAY_ENV)
+    if value:
+        time.sleep(float(value))
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
     """Atomically write ``state`` (tensors and plain containers only) to ``path``."""
     payload = {"format": CHECKPOINT_FORMAT, **state}
-    return atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
+    return atomic_write_bytes(path, lambda fh: torch.save(payload, fh), before_replace=_test_write_delay)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

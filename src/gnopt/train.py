@@ -17,6 +17,16 @@ resume so no step is logged twice.
 
 The loop only knows the Stepper contract (see :mod:`gnopt.steppers`); evaluation runs under the stepper's
 ``eval_context()`` when it has one (GN evaluates its EMA weights there).
+
+Data parallelism (``torchrun --nproc_per_node K -m gnopt train ...``, see :mod:`gnopt.distributed`): every
+process draws the same global micro-batches and keeps its shard of each; the steppers average gradients and
+losses over the processes, evaluation is split over them, and only rank 0 writes files or prints. At each
+checkpoint the ranks check that they hold the same model and optimizer state.
+
+Faults: SIGTERM / SIGINT ask the loop to stop after the current step, write a checkpoint and return (exit 0;
+a second signal interrupts at once). A step that a non-finite value spoils is skipped (baselines) or
+rejected (GN line search), logged, and training goes on. A ``kill -9`` at any moment leaves the last
+complete checkpoint (writes are atomic), from which ``--resume`` continues bitwise.
 """
 
 from __future__ import annotations
@@ -27,7 +37,10 @@ import logging
 import math
 import os
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +50,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gnopt import distributed
 from gnopt.checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_text,
     load_checkpoint,
+    remove_stale_temp_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -121,16 +136,31 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
-    """Token-mean cross-entropy over the fixed validation batches (all of equal size)."""
+    """Token-mean cross-entropy over the fixed validation batches (all of equal size).
+
+    Under data parallelism each process evaluates its shard of every batch (or, for a batch whose rows do
+    not split evenly, every K-th whole batch) and the sums are added over the processes, so every process
+    returns the same value.
+    """
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     count = 0
-    for x, y in batches:
+    k, r = distributed.world_size(), distributed.rank()
+    for i, (x, y) in enumerate(batches):
+        if k > 1:
+            if x.shape[0] % k == 0:
+                x, y = distributed.shard((x, y))
+            elif i % k != r:
+                continue
         loss = lm_loss(model(x), y)
         total += loss.double().cpu() * y.numel()
         count += y.numel()
     model.train(was_training)
+    if k > 1:
+        sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64)])
+        sums = distributed.all_reduce_sum(sums.to(distributed.collective_device())).cpu()
+        total, count = sums[0], int(sums[1])
     return float(total / count)
 
 
@@ -254,6 +284,8 @@ class _Run:
         self.ls_tokens = 0
         self.passes: int | float = 0
         self.skipped_steps = 0
+        self.rejected_steps = 0  # GN outer steps whose line search found no finite loss
+        self.nonfinite_inner_steps = 0  # GN inner steps skipped for a non-finite gradient
         self.wall_before = 0.0  # seconds spent in earlier invocations of a resumed run
         self.steps_to_target: int | None = None
         self.tokens_to_target: int | None = None
@@ -291,39 +323,142 @@ def _checkpoint_state(cfg: TrainConfig, model: nn.Module, stepper: Stepper, batc
     }
 
 
+def _state_tensors(obj: Any) -> list[Tensor]:
+    """Every tensor inside nested dicts / lists / tuples (for the cross-rank consistency check)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _state_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _state_tensors(v)]
+    return []
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT handling for the training loop.
+
+    The first signal only records itself (and says so on stderr); the loop finishes the step it is in,
+    writes a checkpoint and returns. The same signal a second time raises :class:`KeyboardInterrupt` at once
+    (no checkpoint: the last one stays valid); the other signal is ignored after the first, because
+    torchrun answers a Ctrl-C (SIGINT to every process) by sending its workers SIGTERM as well. Handlers
+    are installed only in the main thread and restored on exit.
+    """
+
+    SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, *, announce: bool = True) -> None:
+        self.signal_name: str | None = None
+        self.announce = announce
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:
+            if name == self.signal_name:
+                raise KeyboardInterrupt
+            return
+        self.signal_name = name
+        if self.announce:
+            # os.write, not print: a handler may interrupt a print to the same stream.
+            os.write(2, (f"gnopt: {self.signal_name} received: finishing the current step, then writing a "
+                         "checkpoint (send it again to stop at once, without one).\n").encode())
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[GracefulStop]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues this run: this process's ``gnopt train`` arguments plus ``--resume``.
+
+    ``--overwrite`` and ``--stop-after`` are dropped; under torchrun the command is prefixed with it.
+    When the process was not started from the command line (e.g. ``train()`` called from Python), a
+    generic hint naming the output directory is returned.
+    """
+    argv = sys.argv[1:]
+    if argv[:1] != ["train"]:
+        return f"the same `gnopt train` command with --resume (--out {shlex.quote(str(out))})"
+    args: list[str] = []
+    skip = False
+    for a in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume", "--overwrite") or a.startswith("--stop-after="):
+            continue
+        if a == "--stop-after":
+            skip = True
+            continue
+        args.append(a)
+    cmd = shlex.join(["gnopt", "train", *args, "--resume"])
+    k = distributed.world_size()
+    if k > 1:
+        local = distributed.env_local_world_size()
+        launch = f"torchrun --nproc_per_node {k}" if local == k else "torchrun <the same options>"
+        cmd = f"{launch} -m {cmd}"
+    return cmd
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) training as configured; returns the summary dict (also in ``summary.json``).
 
     Every check that can fail on user input (config values, output directory, checkpoint compatibility,
     corpus) runs before anything in the output directory is created, deleted or changed.
+
+    Started by torchrun (``WORLD_SIZE`` > 1 in the environment), the process joins the data-parallel group
+    for the duration of the run (see :mod:`gnopt.distributed`); if a group already exists it is used as is.
     """
+    cfg = resolve(cfg)
+    device = distributed.device_for(resolve_device(cfg.device))
+    with distributed.session(cfg.dist_timeout, device):
+        return _train(cfg, device, resume=resume, overwrite=overwrite)
+
+
+def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     import gnopt
     from gnopt.data import TokenBatcher, data_statistics, eval_batches
     from gnopt.model import build_model
 
-    cfg = resolve(cfg)
     assert cfg.out is not None and cfg.seq_len is not None
     out = Path(cfg.out)
-    device = resolve_device(cfg.device)
+    main = distributed.is_main()
+    world = distributed.world_size()
+    distributed.check_divisible(cfg.micro_batch_size)
+    if not main:
+        logging.getLogger("gnopt").setLevel(logging.WARNING)  # rank 0 reports progress
     ckpt = inspect_out_dir(out, cfg, resume=resume, overwrite=overwrite)
     if ckpt is not None and int(ckpt["counters"]["step"]) >= cfg.steps:
         summary = _read_json(out / SUMMARY_NAME)
-        log.warning("the run in %s is already complete (%d steps); nothing to do.", out, cfg.steps)
         if isinstance(summary, dict):
+            if main:
+                log.warning("the run in %s is already complete (%d steps); nothing to do.", out, cfg.steps)
             return summary
-        raise GnoptError(f"the run in {out} is complete but its {SUMMARY_NAME} is missing or unreadable.")
+        # Killed between its last checkpoint and its summary: load it below and write the summary.
 
-    threads = cfg.threads or available_cores()
+    threads = cfg.threads or max(1, available_cores() // max(1, distributed.env_local_world_size()))
     torch.set_num_threads(threads)
     seed_everything(cfg.seed)
 
-    prepared = load_data(cfg)
+    # Rank 0 tokenizes (or loads) the corpus first; the other ranks then find it in the cache.
+    prepared = distributed.main_first(lambda: load_data(cfg), "data preparation")
     check_data_size(cfg, len(prepared.train), len(prepared.valid), prepared.description)
     vocab_size = int(prepared.vocab_size)
 
     model = build_model(cfg.preset, vocab_size=vocab_size, seq_len=cfg.seq_len).to(device)
+    distributed.broadcast_module(model)  # identical initial θ everywhere, before any optimizer copies it
     n_params = sum(p.numel() for p in model.parameters())
     stepper = build_stepper(cfg, model)
     batcher = TokenBatcher(prepared.train, cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed, device=device)
@@ -349,9 +484,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             ) from None
         run.load(ckpt["counters"])
         set_rng_state(ckpt["rng"])
-        _truncate_metrics(out / METRICS_NAME, run.step)
-    else:
-        # Past every check: from here on the output directory is ours to (re)write.
+        if main:
+            _truncate_metrics(out / METRICS_NAME, run.step)
+            remove_stale_temp_files(out / CHECKPOINT_NAME)  # left by a process killed mid-write
+    elif main:
+        # Past every check (and every rank has inspected --out): the output directory is ours to (re)write.
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -359,6 +496,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         if overwrite:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
+            remove_stale_temp_files(out / CHECKPOINT_NAME)
         atomic_write_text(
             out / CONFIG_NAME,
             json.dumps({"fingerprint": fingerprint(cfg), "config": cfg.to_dict()}, indent=2) + "\n",
@@ -367,7 +505,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
     data_info = {k: _jsonable(v) for k, v in data_statistics(prepared).items()}
     data_info["cache_hit"] = bool(prepared.cache_hit)
-    quiet = cfg.quiet
+    quiet = cfg.quiet or not main
     bar = tqdm(total=cfg.steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=quiet or not sys.stderr.isatty())
 
@@ -380,11 +518,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     def wall() -> float:
         return run.wall_before + (time.perf_counter() - t_start)
 
-    metrics = (out / METRICS_NAME).open("a", encoding="utf-8")
+    metrics = (out / METRICS_NAME).open("a", encoding="utf-8") if main else None
 
     def write_line(rec: dict[str, Any]) -> None:
-        metrics.write(json.dumps(_jsonable(rec)) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(_jsonable(rec)) + "\n")
+            metrics.flush()
 
     def do_eval() -> float:
         with _eval_context(stepper):
@@ -403,58 +542,83 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         return val
 
     def save() -> None:
-        metrics.flush()
-        os.fsync(metrics.fileno())  # every logged step of the checkpoint is on disk before it
-        save_checkpoint(out / CHECKPOINT_NAME,
-                        _checkpoint_state(cfg, model, stepper, batcher, run, wall(), vocab_size))
+        state = _checkpoint_state(cfg, model, stepper, batcher, run, wall(), vocab_size)
+        if world > 1:
+            distributed.check_identical(_state_tensors([state["model"], state["stepper"]]),
+                                        "model and optimizer states")
+        if metrics is not None:
+            metrics.flush()
+            os.fsync(metrics.fileno())  # every logged step of the checkpoint is on disk before it
+            save_checkpoint(out / CHECKPOINT_NAME, state)
 
+    dp = f" | {world} data-parallel processes" if world > 1 else ""
     say(f"model {cfg.preset}: {n_params:,} parameters | data: {prepared.description} | device {device}, "
-        f"{threads} thread{'s' if threads != 1 else ''} | {cfg.n_micro} micro-batches of "
+        f"{threads} thread{'s' if threads != 1 else ''}{dp} | {cfg.n_micro} micro-batches of "
         f"{cfg.micro_batch_size}x{cfg.seq_len} per step")
-    batches: Iterator[tuple[Tensor, Tensor]] = iter(batcher)
+    batches: Iterator[tuple[Tensor, Tensor]] = distributed.shard_batches(iter(batcher))
     stopped_early = False
+    stop = GracefulStop(announce=main)
     try:
-        if run.step == 0:
-            do_eval()
-        while run.step < cfg.steps:
-            t0 = time.perf_counter()
-            rec = stepper.step(batches)
-            run.step += 1
-            run.train_tokens += int(rec.get("train_tokens", 0))
-            run.ls_tokens += int(rec.get("ls_tokens", 0))
-            run.passes += rec.get("passes", 0)  # GN counts fractional passes: keep floats as floats
-            if rec.get("skipped"):
-                run.skipped_steps += 1
-                say(f"step {run.step}: non-finite gradient norm ({rec.get('grad_norm')}); step skipped.")
-            line: dict[str, Any] = {
-                "step": run.step,
-                "tokens": run.tokens,
-                "loss": rec.get("loss"),
-                "lr": rec.get("lr"),
-                "grad_norm": rec.get("grad_norm"),
-                "wall": wall(),
-                "step_seconds": time.perf_counter() - t0,
-            }
-            line.update({k: v for k, v in rec.items() if k not in line})
-            write_line(line)
-            loss = rec.get("loss")
-            bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) else loss,
-                            val=f"{run.last_val_loss:.4f}" if run.last_val_loss is not None else "-",
-                            refresh=False)
-            bar.update(1)
-            last = run.step == cfg.steps
-            if last or (cfg.eval_every and run.step % cfg.eval_every == 0):
+        with stop.installed():
+            if run.step == 0:
                 do_eval()
-            stop_now = cfg.stop_after is not None and run.step >= cfg.stop_after and not last
-            if last or stop_now or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):
-                save()
-            if stop_now:
-                stopped_early = True
-                say(f"stopping after step {run.step} (--stop-after); continue with --resume.")
-                break
+            while run.step < cfg.steps:
+                t0 = time.perf_counter()
+                rec = stepper.step(batches)
+                run.step += 1
+                run.train_tokens += int(rec.get("train_tokens", 0))
+                run.ls_tokens += int(rec.get("ls_tokens", 0))
+                run.passes += rec.get("passes", 0)  # GN counts fractional passes: keep floats as floats
+                if rec.get("skipped"):
+                    run.skipped_steps += 1
+                    say(f"step {run.step}: non-finite gradient norm ({rec.get('grad_norm')}); step skipped.")
+                if rec.get("inner_nonfinite"):
+                    run.nonfinite_inner_steps += int(rec["inner_nonfinite"])
+                    say(f"step {run.step}: {rec['inner_nonfinite']} inner step(s) met non-finite values and "
+                        "were skipped.")
+                if rec.get("rejected"):
+                    run.rejected_steps += 1
+                    say(f"step {run.step}: no finite line-search loss; outer step rejected (weights "
+                        "unchanged).")
+                line: dict[str, Any] = {
+                    "step": run.step,
+                    "tokens": run.tokens,
+                    "loss": rec.get("loss"),
+                    "lr": rec.get("lr"),
+                    "grad_norm": rec.get("grad_norm"),
+                    "wall": wall(),
+                    "step_seconds": time.perf_counter() - t0,
+                }
+                line.update({k: v for k, v in rec.items() if k not in line})
+                write_line(line)
+                loss = rec.get("loss")
+                bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) else loss,
+                                val=f"{run.last_val_loss:.4f}" if run.last_val_loss is not None else "-",
+                                refresh=False)
+                bar.update(1)
+                last = run.step == cfg.steps
+                if last or (cfg.eval_every and run.step % cfg.eval_every == 0):
+                    do_eval()
+                signalled = distributed.any_rank(stop.requested) and not last  # every rank agrees
+                stop_after = cfg.stop_after is not None and run.step >= cfg.stop_after and not last
+                stop_now = signalled or stop_after
+                if last or stop_now or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):
+                    save()
+                if stop_now:
+                    stopped_early = True
+                    if signalled:
+                        reason = stop.signal_name or "a signal to another rank"
+                        if main:
+                            bar.clear()
+                            print(f"stopped at step {run.step} ({reason}); checkpoint written; resume with: "
+                                  f"{resume_command(out)}", flush=True)
+                    else:
+                        say(f"stopping after step {run.step} (--stop-after); continue with --resume.")
+                    break
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
     summary = {
         "optimizer": cfg.optimizer,
@@ -471,6 +635,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         "ls_tokens": run.ls_tokens,
         "passes": run.passes,
         "skipped_steps": run.skipped_steps,
+        "rejected_steps": run.rejected_steps,
+        "nonfinite_inner_steps": run.nonfinite_inner_steps,
         "initial_val_loss": run.initial_val_loss,
         "final_val_loss": run.last_val_loss,
         "final_val_step": run.last_val_step,
@@ -485,6 +651,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         "vocab_size": vocab_size,
         "device": str(device),
         "threads": threads,
+        "world_size": world,
         "torch_version": torch.__version__,
         "gnopt_version": gnopt.__version__,
         "out": str(out),
@@ -492,5 +659,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         "config": cfg.to_dict(),
         "data": data_info,
     }
-    atomic_write_text(out / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
+    if main:
+        atomic_write_text(out / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
     return summary
