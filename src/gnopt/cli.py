@@ -43,6 +43,8 @@ FIELD_HELP: dict[str, str] = {
     "cache_dir": "token cache root (default: $GNOPT_CACHE or ~/.cache/gnopt)",
     "preset": "model size preset (tiny, cpu-small, cpu-medium, 45m, 150m)",
     "seq_len": "sequence length (default: the preset's)",
+    "init_from": "start from the model weights of this checkpoint (a checkpoint.pt or a run folder); "
+    "the optimizer state starts fresh",
     "optimizer": f"one of {', '.join(OPTIMIZERS)}",
     "lr": "peak learning rate (muon/shampoo/GN: of the hidden 2-D matrices; default depends on --optimizer)",
     "adam_lr": "peak AdamW learning rate of embedding, head and norm scales (muon, shampoo, GN)",

@@ -81,7 +81,7 @@ class TrainConfig:
 
     ``None`` means "derive it" (see :func:`resolve`); a resolved config has concrete values everywhere
     except the genuinely optional fields (``data``, ``valid_data``, ``target_loss``, ``reset_below``,
-    ``ema_decay``, ``stop_after``, ``cache_dir``, ``adam_lr`` for single-group optimizers).
+    ``ema_decay``, ``stop_after``, ``cache_dir``, ``init_from``, ``adam_lr`` for single-group optimizers).
     """
 
     # --- data --------------------------------------------------------------------------------------
@@ -93,6 +93,7 @@ class TrainConfig:
     # --- model -------------------------------------------------------------------------------------
     preset: str = "cpu-small"
     seq_len: int | None = None  # None = the preset's
+    init_from: str | None = None  # checkpoint or run folder whose model weights start the run
     # --- optimizer ---------------------------------------------------------------------------------
     optimizer: str = "muon"
     lr: float | None = None
@@ -371,12 +372,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _positive("cg_tol", r.cg_tol)
     _positive("inner_clip", r.inner_clip, allow_zero=True)
 
-    for name in ("data", "valid_data", "cache_dir"):
+    for name in ("data", "valid_data", "cache_dir", "init_from"):
         value = getattr(r, name)
         if value is not None:
             if not value.strip():
                 raise GnoptError(f"{name} is an empty path.")
-            if not value.startswith("hf:"):  # hf:NAME[:CONFIG][:SPLIT] specs are not paths
+            # hf:NAME[:CONFIG][:SPLIT] data specs are not paths
+            if name == "init_from" or not value.startswith("hf:"):
                 # abspath (not Path.absolute) also folds "..", so equal paths compare equal
                 setattr(r, name, os.path.abspath(os.path.expanduser(value)))
     if r.out is None:

@@ -238,6 +238,37 @@ def inspect_out_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: boo
     return None
 
 
+def load_init_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load the model weights of a gnopt checkpoint (``init_from``) into ``model``, in place.
+
+    ``path`` is a ``checkpoint.pt`` or a run folder holding one. Only the weights are taken: optimizer and
+    schedule state, counters and RNG states of that checkpoint are ignored. Raises :class:`GnoptError`
+    when the file is missing or its weights do not fit the model (naming the first mismatch).
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise GnoptError(f"init_from: there is no checkpoint at {p}.")
+    state = load_checkpoint(p).get("model")
+    if not isinstance(state, dict):
+        raise GnoptError(f"init_from: {p} holds no model weights.")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise GnoptError(f"init_from: the weights in {p} do not fit this model ({what}); same preset?")
+    for name, value in own.items():
+        if tuple(state[name].shape) != tuple(value.shape):
+            raise GnoptError(
+                f"init_from: the weights in {p} do not fit this model ({name} has shape "
+                f"{tuple(state[name].shape)}, the model {tuple(value.shape)}); same preset, vocabulary "
+                "and tokenizer?"
+            )
+    model.load_state_dict(state)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the metrics lines of steps <= ``step`` (drops a torn last line too)."""
     if not path.exists():
@@ -458,6 +489,8 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
     vocab_size = int(prepared.vocab_size)
 
     model = build_model(cfg.preset, vocab_size=vocab_size, seq_len=cfg.seq_len).to(device)
+    if cfg.init_from is not None and ckpt is None:  # a resumed run takes its weights from its checkpoint
+        load_init_weights(model, cfg.init_from)
     distributed.broadcast_module(model)  # identical initial θ everywhere, before any optimizer copies it
     n_params = sum(p.numel() for p in model.parameters())
     stepper = build_stepper(cfg, model)
