@@ -73,3 +73,15 @@ def test_gn_variants_train_end_to_end(corpus: Path, tmp_path: Path, variant: lis
         assert rec["passes"] > n  # more than n forward+backward equivalents: JVPs and line search counted
     assert s["train_tokens"] == 3 * n * micro_tokens and s["ls_tokens"] == 3 * n * micro_tokens
     assert s["tokens"] == s["train_tokens"] + s["ls_tokens"]
+
+
+def test_inner_steps_sets_the_gn_batch_and_must_agree_with_batch_tokens(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = _train(corpus, tmp_path / "n3", "--optimizer", "gn", "--inner-steps", "3", "--steps", "1")
+    assert s["config"]["batch_tokens"] == 3 * 16 * 32 and s["train_tokens"] == 3 * 16 * 32
+    argv = ["train", "--data", str(corpus), "--preset", "tiny", "--optimizer", "gn", "--inner-steps", "3",
+            "--batch-tokens", "1000", "--out", str(tmp_path / "bad")]
+    assert main(argv) == 2
+    assert "disagree" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

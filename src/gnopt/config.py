@@ -121,6 +121,7 @@ class TrainConfig:
     stop_after: int | None = None  # stop this invocation after that step (checkpointed; resume later)
     dist_timeout: float = 300.0  # seconds a data-parallel collective waits for the other ranks (torchrun)
     # --- Gauss-Newton (consumed by gnopt.gn_stepper) -----------------------------------------------
+    inner_steps: int | None = None  # GN's N; None = batch_tokens / micro-batch tokens (else they must agree)
     inner_optimizer: str = "muon"
     gn_schedule: str = "constant_with_inner_cosine"
     ls_range: int = 5
@@ -318,8 +319,18 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for name in ("seq_len", "micro_batch_size"):  # needed by the batch_tokens default below
         if getattr(r, name) < 1:
             raise GnoptError(f"{name} must be a positive integer, got {getattr(r, name)}.")
+    micro = r.micro_batch_size * r.seq_len
+    if r.inner_steps is not None:
+        if r.inner_steps < 1:
+            raise GnoptError(f"inner_steps must be a positive integer, got {r.inner_steps}.")
+        if r.batch_tokens is None:
+            r.batch_tokens = r.inner_steps * micro
+        elif r.batch_tokens != r.inner_steps * micro:
+            raise GnoptError(
+                f"inner_steps={r.inner_steps} and batch_tokens={r.batch_tokens} disagree: GN's batch is "
+                f"inner_steps × micro-batch tokens = {r.inner_steps} × {micro}; give only one of them."
+            )
     if r.batch_tokens is None:
-        micro = r.micro_batch_size * r.seq_len
         r.batch_tokens = max(1, round(8192 / micro)) * micro
     for name in ("seq_len", "steps", "batch_tokens", "micro_batch_size", "eval_tokens", "ls_range",
                  "cg_max_iters"):
