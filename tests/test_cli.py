@@ -239,8 +239,8 @@ def test_corrupt_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path, 
 # ------------------------------------------------------------------------------------------------------
 
 
-def test_study_is_reserved(capsys: pytest.CaptureFixture[str]) -> None:
-    assert "not yet available" in run_err(capsys, ["study"])
+def test_study_needs_an_experiment_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "EXPERIMENT.toml" in run_err(capsys, ["study"])  # the study itself: tests/test_study.py
 
 
 def test_info_prints_block_counts(capsys: pytest.CaptureFixture[str], corpus: Path) -> None:

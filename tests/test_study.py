@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from gnopt.cli import main
-from gnopt.config import TrainConfig, fingerprint, resolve
+from gnopt.config import OPTIMIZERS, TrainConfig, fingerprint, resolve
 from gnopt.errors import GnoptError
+from gnopt.study.analysis import RUN_COLUMNS, RunCurve, fit_critical_batch, loss_at, to_target
+from gnopt.study.spec import load_spec, plan_runs, warmup_run
 from gnopt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,3 +63,232 @@ def test_init_from_errors_are_clear_and_write_nothing(tmp_path: Path,
     err = capsys.readouterr().err
     assert "init_from: the weights in" in err and "do not fit this model" in err
     assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the experiment file
+# ------------------------------------------------------------------------------------------------------
+
+MINIMAL = """
+[experiment]
+batch_tokens = [256, 512]
+budget_tokens = 2048
+
+[base]
+preset = "tiny"
+tokenizer = "bytes"
+micro_batch_size = 4
+
+[methods.adamw]
+lr = [1e-3, 3e-3]
+
+[methods.gn]
+lr = [0.01, 0.02]
+"""
+
+
+def _spec_error(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "exp.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(GnoptError) as info:
+        load_spec(path)
+    return str(info.value)
+
+
+def test_minimal_experiment_plan(tmp_path: Path) -> None:
+    path = tmp_path / "exp.toml"
+    path.write_text(MINIMAL, encoding="utf-8")
+    spec = load_spec(path)
+    assert spec.name == "exp" and spec.target_loss is None and spec.batch_tokens == (256, 512)
+    runs = plan_runs(spec, tmp_path / "out")
+    assert [(r.method, r.batch_tokens, r.lr, r.steps) for r in runs] == [
+        ("adamw", 256, 1e-3, 8), ("adamw", 256, 3e-3, 8), ("adamw", 512, 1e-3, 4), ("adamw", 512, 3e-3, 4),
+        ("gn", 256, 0.01, 8), ("gn", 256, 0.02, 8), ("gn", 512, 0.01, 4), ("gn", 512, 0.02, 4),
+    ]
+    r = runs[-1]
+    assert r.rel == "runs/gn/B512/lr0.02" and r.config.init_from == str(tmp_path / "out" / "warmup")
+    assert r.config.target_loss is None and r.config.out == str(tmp_path / "out" / r.rel)
+    warm = warmup_run(spec, tmp_path / "out")
+    # 5% of the budget at the largest batch (2048 tokens) at the smallest batch; another data seed
+    assert warm.config.optimizer == "adamw" and warm.steps == 1 and warm.config.seed == 1
+    assert [r.method for r in plan_runs(spec, tmp_path / "out", only=["gn"])] == ["gn"] * 4
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t: t.replace("[experiment]", "[experimentt]"), "unknown table [experimentt]"),
+    (lambda t: t.replace("budget_tokens = 2048", "budget_tokens = 2048\ntarget = 3.0"),
+     "unknown key 'target' in [experiment] (did you mean 'target_loss'?)"),
+    (lambda t: t.replace("budget_tokens = 2048", ""), "give the run length"),
+    (lambda t: t.replace("budget_tokens = 2048", "steps = { 256 = 8 }"), "missing [512]"),
+    (lambda t: t.replace("batch_tokens = [256, 512]", "batch_tokens = []"), "non-empty list"),
+    (lambda t: t.replace("budget_tokens = 2048", "budget_tokens = 2048\ntarget_loss = -1"),
+     "target_loss must be a positive number"),
+    (lambda t: t + '\n[methods.muon]\nlr = [0.02]\npreset = "cpu-small"\n', "'preset' cannot be set here"),
+    (lambda t: t.replace("micro_batch_size = 4", "micro_batch_size = 4\nlr = 0.1"),
+     "'lr' cannot be set here"),
+    (lambda t: t + "\n[methods.fancy]\nlr = [0.1]\n", "give optimizer = one of"),
+    (lambda t: t + '\n[methods.fancy]\noptimizer = "lion"\nlr = [0.1]\n', "unknown optimizer 'lion'"),
+    (lambda t: t + "\n[methods.muon]\nlr = [0.02]\n",
+     "the protocol gives every baseline at least GN's tuning"),
+    (lambda t: t.replace("lr = [0.01, 0.02]", "lr = [0.01, 0.02]\nls_range = 0"),
+     "[methods.gn] at batch_tokens=256: ls_range must be a positive integer"),
+    (lambda t: t.replace("lr = [0.01, 0.02]", "lr = [0.01, 0.01]"), "lists a learning rate twice"),
+    (lambda t: t.replace("lr = [1e-3, 3e-3]", "lr = [1e-3, 3e-3]\nbogus = 1"), "unknown key 'bogus'"),
+    (lambda t: t.replace("batch_tokens = [256, 512]", "batch_tokens = [256, 500]"), "not a multiple"),
+])
+def test_experiment_validation_errors(tmp_path: Path, edit: Any, message: str) -> None:
+    assert message in _spec_error(tmp_path, edit(MINIMAL))
+
+
+def test_shipped_experiments_are_valid() -> None:
+    smoke = load_spec(ROOT / "experiments" / "smoke.toml")
+    assert {m.optimizer for m in smoke.methods} == set(OPTIMIZERS)
+    assert "gn-adamw-inner" in [m.name for m in smoke.methods]
+    cpu = load_spec(ROOT / "experiments" / "cpu.toml")
+    assert {m.name for m in cpu.methods} == {m.name for m in smoke.methods}
+    assert cpu.base["data"] == str(ROOT.parent / "shared" / "data" / "gutenberg-fiction")
+    assert cpu.target_loss is None and abs(cpu.target_fraction - 2 / 3) < 0.01 and cpu.warmup_fraction == 0.05
+    sizes = {m.name: len(m.grid) for m in cpu.methods}
+    assert min(v for k, v in sizes.items() if not k.startswith("gn")) >= max(
+        v for k, v in sizes.items() if k.startswith("gn"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# analysis: the S(B) fit, steps to target
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_fit_recovers_s_min_and_b_noise() -> None:
+    batches = np.array([1024, 2048, 4096, 8192, 16384, 32768, 65536], dtype=float)
+    steps = 40.0 * (1 + 6000.0 / batches)
+    fit = fit_critical_batch(batches, steps)
+    assert fit is not None and fit.bound is None and fit.n_points == 7
+    assert fit.s_min == pytest.approx(40.0, rel=1e-5) and fit.b_crit == pytest.approx(6000.0, rel=1e-5)
+    assert fit.rmse_log < 1e-6 and fit.steps(6000.0) == pytest.approx(80.0, rel=1e-5)
+    # multiplicative noise: still close
+    rng = np.random.default_rng(0)
+    noisy = steps * np.exp(rng.normal(0.0, 0.03, size=steps.size))
+    fit = fit_critical_batch(batches, noisy)
+    assert fit is not None and fit.s_min == pytest.approx(40.0, rel=0.1)
+    assert fit.b_crit == pytest.approx(6000.0, rel=0.25)
+    # two points: an exact fit
+    fit = fit_critical_batch([2048, 8192], [40.0 * (1 + 6000 / 2048), 40.0 * (1 + 6000 / 8192)])
+    assert fit is not None and fit.b_crit == pytest.approx(6000.0, rel=1e-4)
+
+
+def test_fit_edge_cases() -> None:
+    batches = [1024.0, 4096.0, 16384.0]
+    perfect = fit_critical_batch(batches, [1e4 / b for b in batches])  # S ∝ 1/B: no critical batch in sight
+    assert perfect is not None and perfect.bound == "above" and perfect.b_crit > 16384 * 100
+    flat = fit_critical_batch(batches, [30.0, 31.0, 30.5])  # no gain from batch size
+    assert flat is not None and flat.bound == "below" and flat.b_crit == 0.0
+    assert flat.s_min == pytest.approx(30.5, rel=0.02)
+    assert fit_critical_batch([1024.0], [10.0]) is None
+    assert fit_critical_batch([1024.0, 1024.0], [10.0, 11.0]) is None
+    assert fit_critical_batch([1024.0, 2048.0], [10.0, float("nan")]) is None
+
+
+def test_to_target_and_interpolation() -> None:
+    curve = RunCurve(evals=[(0, 0, 5.0), (10, 100, 4.0), (20, 200, 3.0), (30, 300, 2.5)],
+                     passes={s: 2.0 * s for s in range(1, 31)}, wall={s: 0.5 * s for s in range(1, 31)})
+    t = to_target(curve, 3.5)
+    assert (t.steps, t.tokens, t.passes, t.wall) == (20, 200, 40.0, 10.0)
+    assert t.steps_interp == pytest.approx(15.0)
+    assert to_target(curve, 2.0).steps is None and to_target(curve, None).steps is None
+    assert loss_at(curve, 25) == pytest.approx(2.75) and loss_at(curve, 31) is None
+
+
+# ------------------------------------------------------------------------------------------------------
+# the smoke study end to end: outputs, resume, refusal of a changed experiment
+# ------------------------------------------------------------------------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _study(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    code = main(["study", *args])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+def _outputs_are_well_formed(out: Path, n_runs: int, methods: list[str]) -> None:
+    with (out / "runs.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and list(rows[0]) == list(RUN_COLUMNS) and len(rows) == n_runs
+    assert all(r["status"] == "done" for r in rows)
+    assert {r["method"] for r in rows} == set(methods)
+    for r in rows:
+        assert float(r["final_val_loss"]) > 0 and float(r["wall_seconds"]) > 0 and int(r["steps_done"]) > 0
+        if r["steps_to_target"]:
+            assert float(r["passes_to_target"]) > 0 and int(r["tokens_to_target"]) > 0
+    selected = [r for r in rows if r["selected"] == "True"]
+    assert len(selected) == len(methods) * 2  # one per (method, batch)
+    runs_json = json.loads((out / "runs.json").read_text())
+    assert isinstance(runs_json, list) and len(runs_json) == n_runs and set(runs_json[0]) == set(RUN_COLUMNS)
+    study = json.loads((out / "study.json").read_text())
+    keys = {"experiment", "target_loss", "target_source", "warmup", "best", "critical_batch", "runs"}
+    assert keys <= set(study)
+    assert study["target_source"] == "auto" and 0 < study["target_loss"] < 10
+    assert set(study["critical_batch"]) == set(methods) and len(study["best"]) == len(methods) * 2
+    # the best baseline reaches the auto target within the budget at the largest batch, by construction
+    assert any(b["steps_to_target"] is not None for b in study["best"]
+               if b["batch_tokens"] == 2048 and b["optimizer"] in ("adamw", "muon", "soap", "shampoo"))
+    for png in ("val_loss_largest_batch.png", "steps_to_target_vs_batch.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000, png
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for heading in ("## Protocol", "## Best setting per method and batch size", "## At the largest batch",
+                    "## Critical batch size", "## All runs"):
+        assert heading in report, heading
+    for m in methods:
+        assert f"| {m} | 512 |" in report and f"| {m} | 2K |" in report
+    assert "(val_loss_largest_batch.png)" in report and "(steps_to_target_vs_batch.png)" in report
+
+
+def test_smoke_study_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = ROOT / "experiments" / "smoke.toml"
+    out = tmp_path / "smoke"
+    methods = [m.name for m in load_spec(exp).methods]
+    printed = _study(capsys, str(exp), "--out", str(out), "--threads", "1", "--quiet")
+    assert "25 runs (warm-up + 24), 0 already finished, 25 to do" in printed.splitlines()[0]
+    assert "study ETA" in printed and "writing the report" in printed
+    _outputs_are_well_formed(out, 24, methods)
+    # every run started from the warm-up's weights
+    warm_final = json.loads((out / "warmup" / "summary.json").read_text())["final_val_loss"]
+    for summary in out.glob("runs/*/B*/*/summary.json"):
+        s = json.loads(summary.read_text())
+        assert s["initial_val_loss"] == warm_final and s["config"]["init_from"] == str(out / "warmup")
+
+    # a second invocation re-runs nothing (no file of any run changes) and rewrites the report
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/*") if p.is_file()}
+    printed = _study(capsys, str(exp), "--out", str(out), "--threads", "1", "--quiet")
+    assert "25 runs (warm-up + 24), 25 already finished, 0 to do" in printed
+    assert " start " not in printed and "finished earlier, skipped" in printed
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/**/*") if p.is_file()}
+
+    # an interrupted study continues: a run killed after its checkpoint is resumed, a lost one restarted
+    killed = out / "runs" / "adamw" / "B512" / "lr0.01"
+    (killed / "summary.json").unlink()
+    lost = out / "runs" / "soap" / "B2048" / "lr0.003"
+    shutil.rmtree(lost)
+    printed = _study(capsys, str(exp), "--out", str(out), "--threads", "1", "--quiet")
+    assert "2 to do" in printed and "resume at step 24 adamw B=512 lr=0.01" in printed
+    assert "start soap B=2048 lr=0.003" in printed and printed.count(" start ") == 1
+    assert (killed / "summary.json").is_file() and (lost / "summary.json").is_file()
+    _outputs_are_well_formed(out, 24, methods)
+
+    # --dry-run and --report-only run nothing
+    assert "0 of 25 runs to do" in _study(capsys, str(exp), "--out", str(out), "--dry-run")
+    (out / "report.md").unlink()
+    _study(capsys, str(exp), "--out", str(out), "--report-only", "--quiet")
+    assert (out / "report.md").is_file()
+
+    # a changed experiment never mixes with the old results
+    changed = tmp_path / "changed.toml"
+    changed.write_text(exp.read_text().replace("eval_tokens = 2048", "eval_tokens = 1024"), encoding="utf-8")
+    assert main(["study", str(changed), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of warmup" in err and "eval_tokens: 2048 -> 1024" in err
+    assert main(["study", str(exp), "--out", str(out), "--only", "lion"]) == 2
+    assert "has no method 'lion'" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Command line: ``gnopt prepare | train | info`` (also ``python -m gnopt``).
+"""Command line: ``gnopt prepare | train | info | study`` (also ``python -m gnopt``).
 
 Every user mistake surfaces as one :class:`~gnopt.errors.GnoptError` line on stderr and exit status 2 (the
 same status argparse uses for a malformed command line); anything else is a bug and keeps its traceback.
@@ -122,7 +122,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gnopt", description="Gauss-Newton training of language models.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,info}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,info,study}", parser_class=_Parser)
 
     p_train = sub.add_parser("train", help="train a model (flags override --config)")
     p_train.add_argument("--config", metavar="FILE.toml", help="TOML file with TrainConfig keys")
@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                            default=argparse.SUPPRESS, help=FIELD_HELP[name])
     p_info.add_argument("--seq-len", dest="seq_len", type=int, default=argparse.SUPPRESS,
                         help=FIELD_HELP["seq_len"])
-    # `study` is reserved for the hyper-parameter study (another issue); it answers "not yet available".
-    sub.add_parser("study", help=argparse.SUPPRESS, add_help=False).add_argument(
-        "rest", nargs=argparse.REMAINDER)
+    from gnopt.study.cli import add_study_parser  # light: no torch import
+
+    add_study_parser(sub)
     return parser
 
 
@@ -259,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Data preparation reports progress through `logging` ("data: preparing ..."): show it on stderr.
         logging.basicConfig(level=logging.INFO, format="gnopt: %(message)s", stream=sys.stderr)
         if ns.command == "study":
-            raise GnoptError("`gnopt study` is not yet available in this version.")
+            from gnopt.study.cli import cmd_study
+
+            return cmd_study(ns)
         handler = {"train": _cmd_train, "prepare": _cmd_prepare, "info": _cmd_info}[ns.command]
         return handler(ns)
     except GnoptError as exc:

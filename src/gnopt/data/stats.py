@@ -44,4 +44,8 @@ def data_statistics(prepared: PreparedData) -> dict[str, Any]:
         "valid_bytes": valid_bytes,
         "bytes_per_token": train_bytes / train_tokens if train_tokens else float("nan"),
         "valid_bytes_per_token": valid_bytes / valid_tokens if valid_tokens else float("nan"),
+        # the validation loss of a model that ignores context (a baseline for training curves)
+        "unigram_entropy_nats": (
+            unigram_entropy(prepared.train, prepared.vocab_size) if train_tokens else None
+        ),
     }

@@ -1,0 +1,413 @@
+"""What the runs of a study measured: steps/tokens/passes to target, the best setting, critical batch sizes.
+
+Everything here reads the files a run leaves (``metrics.jsonl``, ``summary.json``; see :mod:`gnopt.train`),
+so a study can be re-analysed at any time, at any target, without re-running anything.
+
+Definitions (all documented in the study report as well):
+
+* **steps to target**: the first *evaluated* step whose validation loss is <= the target (resolution:
+  the run's ``eval_every``), as ``gnopt train`` records it. **Interpolated steps to target**: the step
+  where the straight line between that evaluation and the one before it crosses the target (used for the
+  plots and the fit, where the evaluation grid would otherwise quantize the curve).
+* **tokens to target**: cumulative tokens at that step, training plus line-search tokens (GN draws fresh
+  micro-batches for its line search).
+* **passes to target**: cumulative forward+backward-equivalent passes at that step; a baseline step costs
+  one pass per micro-batch, a GN step counts its primal, tangent (JVP) and VJP passes of every inner step
+  and the forward passes of its line search (``passes`` in ``metrics.jsonl``).
+* **wall to target**: cumulative wall-clock seconds at that step (evaluations included).
+* **best setting** of a method at a batch size: the run with the fewest steps to target, ties broken by
+  the lower final validation loss; runs that miss the target rank after all that reach it, by final loss.
+* **critical batch size**: the fit of S(B) = S_min·(1 + B_noise/B) to a method's best steps-to-target S
+  over the batch sizes B (least squares on log S; S_min is solved in closed form for each B_noise and
+  B_noise by a 1-D search on a log grid refined by golden-section search, numpy only). We report
+  B_crit = B_noise: at B = B_crit a method needs twice its minimal number of steps, S = 2·S_min, and twice
+  its minimal number of tokens, E = S·B = 2·E_min with E_min = S_min·B_noise (McCandlish et al. 2018).
+  Well below B_crit, doubling the batch halves the steps; well above it, doubling the batch buys almost
+  nothing. A fit whose B_noise sits at the edge of the search range is flagged: ``"above"`` (the steps
+  still fall like 1/B at the largest batch, B_crit is beyond the grid) or ``"below"`` (no gain from batch
+  size at all in this grid).
+* ``target_loss = "auto"``: the lowest validation loss that a finished baseline run at the largest batch
+  has at ``target_fraction`` of its step budget (linear interpolation between evaluations).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gnopt.config import BASELINE_OPTIMIZERS
+from gnopt.study.spec import RunSpec, StudySpec
+
+#: Column order of ``runs.csv`` (and the keys of each ``runs.json`` record).
+RUN_COLUMNS: tuple[str, ...] = (
+    "method", "optimizer", "batch_tokens", "n_micro", "lr", "adam_lr", "steps_planned", "steps_done",
+    "status", "selected", "target_loss", "steps_to_target", "steps_to_target_interp", "tokens_to_target",
+    "passes_to_target", "wall_to_target", "final_val_loss", "best_val_loss", "initial_val_loss", "tokens",
+    "passes", "wall_seconds", "seconds_per_step", "run_dir",
+)
+
+
+# ------------------------------------------------------------------------------------------------------
+# reading a run
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunCurve:
+    """The logged history of one run: evaluations and cumulative counters per step."""
+
+    evals: list[tuple[int, int, float]] = field(default_factory=list)  # (step, tokens, val_loss; inf if NaN)
+    passes: dict[int, float] = field(default_factory=dict)  # step -> cumulative passes
+    wall: dict[int, float] = field(default_factory=dict)  # step -> cumulative wall seconds
+    last_step: int = 0
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def read_curve(run_dir: Path) -> RunCurve:
+    """Parse ``metrics.jsonl`` (a missing file or a torn last line is fine)."""
+    curve = RunCurve()
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return curve
+    total = 0.0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            continue
+        step = rec["step"]
+        if rec.get("type") == "eval":
+            val = rec.get("val_loss")
+            v = float(val) if isinstance(val, (int, float)) and math.isfinite(val) else math.inf
+            curve.evals.append((step, int(rec.get("tokens") or 0), v))
+        elif "type" not in rec:
+            total += float(rec.get("passes") or 0.0)
+            curve.passes[step] = total
+            if isinstance(rec.get("wall"), (int, float)):
+                curve.wall[step] = float(rec["wall"])
+            curve.last_step = max(curve.last_step, step)
+    curve.evals.sort()
+    return curve
+
+
+def loss_at(curve: RunCurve, step: float) -> float | None:
+    """Validation loss at ``step`` by linear interpolation between evaluations (None outside them)."""
+    ev = curve.evals
+    if not ev or step < ev[0][0] or step > ev[-1][0]:
+        return None
+    for (s0, _, v0), (s1, _, v1) in zip(ev, ev[1:], strict=False):
+        if s0 <= step <= s1:
+            if s1 == s0 or not (math.isfinite(v0) and math.isfinite(v1)):
+                return v1 if step == s1 else v0
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return ev[-1][2] if step == ev[-1][0] else None
+
+
+@dataclass
+class ToTarget:
+    steps: int | None = None
+    steps_interp: float | None = None
+    tokens: int | None = None
+    passes: float | None = None
+    wall: float | None = None
+
+
+def to_target(curve: RunCurve, target: float | None) -> ToTarget:
+    """Steps, interpolated steps, tokens, passes and wall seconds to the first evaluation <= ``target``."""
+    if target is None:
+        return ToTarget()
+    prev: tuple[int, int, float] | None = None
+    for step, tokens, val in curve.evals:
+        if val <= target:
+            interp = float(step)
+            if prev is not None and math.isfinite(prev[2]) and prev[2] > val:
+                s0, _, v0 = prev
+                interp = s0 + (v0 - target) / (v0 - val) * (step - s0)
+            return ToTarget(steps=step, steps_interp=interp, tokens=tokens,
+                            passes=curve.passes.get(step, 0.0), wall=curve.wall.get(step, 0.0))
+        prev = (step, tokens, val)
+    return ToTarget()
+
+
+# ------------------------------------------------------------------------------------------------------
+# one record per run
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """One row of ``runs.csv``."""
+
+    method: str
+    optimizer: str
+    batch_tokens: int
+    n_micro: int
+    lr: float
+    adam_lr: float | None
+    steps_planned: int
+    steps_done: int
+    status: str  # done | partial | missing
+    selected: bool
+    target_loss: float | None
+    steps_to_target: int | None
+    steps_to_target_interp: float | None
+    tokens_to_target: int | None
+    passes_to_target: float | None
+    wall_to_target: float | None
+    final_val_loss: float | None
+    best_val_loss: float | None
+    initial_val_loss: float | None
+    tokens: int | None
+    passes: float | None
+    wall_seconds: float | None
+    seconds_per_step: float | None
+    run_dir: str
+    curve: RunCurve = field(default_factory=RunCurve, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("curve")
+        return {k: d[k] for k in RUN_COLUMNS}
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def read_run(run: RunSpec, study_dir: Path) -> RunResult:
+    """The results of ``run`` as far as its folder holds them (:func:`analyse` fills the target fields)."""
+    run_dir = study_dir / run.rel
+    curve = read_curve(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    config = _read_json(run_dir / "config.json")
+    same = isinstance(config, dict) and isinstance(summary, dict) and (
+        summary.get("fingerprint") == config.get("fingerprint"))
+    if isinstance(summary, dict) and summary.get("completed") and same:
+        status = "done"
+    elif curve.last_step > 0 or curve.evals:
+        status = "partial"
+    else:
+        status = "missing"
+    s = summary if status == "done" else {}
+    evals = [v for _, _, v in curve.evals]
+    wall = _finite(s.get("wall_seconds")) if s else (curve.wall.get(curve.last_step) if curve.wall else None)
+    steps_done = int(s.get("steps", 0)) if s else curve.last_step
+    return RunResult(
+        method=run.method, optimizer=run.optimizer, batch_tokens=run.batch_tokens,
+        n_micro=run.config.n_micro, lr=run.lr, adam_lr=run.adam_lr, steps_planned=run.steps,
+        steps_done=steps_done, status=status, selected=False, target_loss=None, steps_to_target=None,
+        steps_to_target_interp=None, tokens_to_target=None, passes_to_target=None, wall_to_target=None,
+        final_val_loss=_finite(s.get("final_val_loss")) if s else (_finite(evals[-1]) if evals else None),
+        best_val_loss=min((v for v in evals if math.isfinite(v)), default=None),
+        initial_val_loss=_finite(evals[0]) if evals else None,
+        tokens=int(s["tokens"]) if s and "tokens" in s else None,
+        passes=(_finite(s.get("passes")) if s
+                else (curve.passes.get(curve.last_step) if curve.passes else None)),
+        wall_seconds=wall,
+        seconds_per_step=(wall / steps_done) if wall is not None and steps_done > 0 else None,
+        run_dir=run.rel, curve=curve,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# target, selection
+# ------------------------------------------------------------------------------------------------------
+
+
+def auto_target(results: Sequence[RunResult], largest_batch: int, fraction: float) -> float | None:
+    """The lowest validation loss that a finished baseline run at ``largest_batch`` has at ``fraction`` of
+    its step budget, rounded up to 4 decimals; None when there is no such run."""
+    best: float | None = None
+    for r in results:
+        if r.done and r.optimizer in BASELINE_OPTIMIZERS and r.batch_tokens == largest_batch:
+            v = loss_at(r.curve, fraction * r.steps_planned)
+            if v is not None and math.isfinite(v) and (best is None or v < best):
+                best = v
+    return None if best is None else math.ceil(best * 1e4) / 1e4
+
+
+def _rank_key(r: RunResult) -> tuple[int, float, float]:
+    steps = r.steps_to_target
+    final = r.final_val_loss if r.final_val_loss is not None else math.inf
+    return (0 if steps is not None else 1, float(steps) if steps is not None else math.inf, final)
+
+
+def select_best(results: Iterable[RunResult]) -> dict[tuple[str, int], RunResult]:
+    """Best finished run per (method, batch): fewest steps to target, then lower final loss."""
+    best: dict[tuple[str, int], RunResult] = {}
+    for r in results:
+        if not r.done:
+            continue
+        key = (r.method, r.batch_tokens)
+        if key not in best or _rank_key(r) < _rank_key(best[key]):
+            best[key] = r
+    return best
+
+
+# ------------------------------------------------------------------------------------------------------
+# critical batch size
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CriticalBatchFit:
+    """S(B) = s_min·(1 + b_noise/B), fitted on log S. ``b_crit`` = ``b_noise`` (see the module docstring)."""
+
+    s_min: float
+    b_noise: float
+    rmse_log: float  # root-mean-square residual of log S (natural log)
+    n_points: int
+    bound: str | None = None  # "above" / "below" when b_noise sits at the edge of the search range
+
+    @property
+    def b_crit(self) -> float:
+        return self.b_noise
+
+    def steps(self, batch: np.ndarray | float) -> np.ndarray | float:
+        return self.s_min * (1.0 + self.b_noise / np.asarray(batch, dtype=float))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"s_min": self.s_min, "b_noise": self.b_noise, "b_crit": self.b_crit,
+                "rmse_log": self.rmse_log, "n_points": self.n_points, "bound": self.bound}
+
+
+def fit_critical_batch(batches: Sequence[float], steps: Sequence[float], *,
+                       span: float = 1e3) -> CriticalBatchFit | None:
+    """Least-squares fit of log S = log S_min + log(1 + B_noise/B) (numpy only).
+
+    For a fixed B_noise the best log S_min is the mean of log S − log(1 + B_noise/B), so the fit is a 1-D
+    search over B_noise in [min(B)/span, max(B)·span] (a log grid, then golden-section refinement), plus
+    the limit B_noise = 0 (S constant). Returns None with fewer than two distinct batch sizes.
+    """
+    b = np.asarray(batches, dtype=float)
+    s = np.asarray(steps, dtype=float)
+    keep = np.isfinite(b) & np.isfinite(s) & (b > 0) & (s > 0)
+    b, s = b[keep], s[keep]
+    if b.size < 2 or np.unique(b).size < 2:
+        return None
+    y = np.log(s)
+
+    def sse(log_bn: float) -> tuple[float, float]:
+        g = np.log1p(np.exp(log_bn) / b)
+        c = float(np.mean(y - g))
+        r = y - c - g
+        return float(r @ r), c
+
+    lo, hi = math.log(b.min() / span), math.log(b.max() * span)
+    grid = np.linspace(lo, hi, 1201)
+    values = np.array([sse(x)[0] for x in grid])
+    k = int(np.argmin(values))
+    a, c_ = grid[max(k - 1, 0)], grid[min(k + 1, grid.size - 1)]
+    phi = (math.sqrt(5) - 1) / 2
+    x1, x2 = c_ - phi * (c_ - a), a + phi * (c_ - a)
+    f1, f2 = sse(x1)[0], sse(x2)[0]
+    for _ in range(80):
+        if f1 < f2:
+            c_, x2, f2 = x2, x1, f1
+            x1 = c_ - phi * (c_ - a)
+            f1 = sse(x1)[0]
+        else:
+            a, x1, f1 = x1, x2, f2
+            x2 = a + phi * (c_ - a)
+            f2 = sse(x2)[0]
+    x_best = (a + c_) / 2
+    best_sse, log_smin = sse(x_best)
+    if values[k] < best_sse:
+        x_best, (best_sse, log_smin) = float(grid[k]), sse(float(grid[k]))
+    bound: str | None = None
+    const_c = float(np.mean(y))
+    const_sse = float(((y - const_c) ** 2).sum())
+    if const_sse <= best_sse + 1e-15:  # no gain from batch size: B_noise -> 0
+        return CriticalBatchFit(s_min=math.exp(const_c), b_noise=0.0, rmse_log=math.sqrt(const_sse / y.size),
+                                n_points=int(y.size), bound="below")
+    if k == 0:
+        bound = "below"
+    elif k == grid.size - 1:
+        bound = "above"
+    return CriticalBatchFit(s_min=math.exp(log_smin), b_noise=math.exp(x_best),
+                            rmse_log=math.sqrt(best_sse / y.size), n_points=int(y.size), bound=bound)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the whole study
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyResults:
+    """Everything the report shows."""
+
+    spec: StudySpec
+    target_loss: float | None
+    target_source: str  # "declared" | "auto" | "auto (no finished baseline at the largest batch)"
+    runs: list[RunResult]
+    best: dict[tuple[str, int], RunResult]
+    fits: dict[str, CriticalBatchFit | None]
+    warmup: RunResult | None
+
+    def to_dict(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "experiment": spec.to_dict(),
+            "target_loss": self.target_loss,
+            "target_source": self.target_source,
+            "warmup": self.warmup.row() if self.warmup is not None else None,
+            "best": [
+                {"method": m, "batch_tokens": b, **{k: v for k, v in r.row().items()
+                                                     if k not in ("method", "batch_tokens")}}
+                for (m, b), r in sorted(self.best.items(), key=lambda kv: (self._order(kv[0][0]), kv[0][1]))
+            ],
+            "critical_batch": {m: (f.to_dict() if f is not None else None) for m, f in self.fits.items()},
+            "runs": [r.row() for r in self.runs],
+        }
+
+    def _order(self, method: str) -> int:
+        names = [m.name for m in self.spec.methods]
+        return names.index(method) if method in names else len(names)
+
+
+def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: RunSpec | None = None,
+            *, target_loss: float | None = None) -> StudyResults:
+    """Read every run, settle the target (declared, given, or auto), select the best settings, fit S(B)."""
+    results = [read_run(r, study_dir) for r in runs]
+    if target_loss is not None:
+        target, source = target_loss, "given"
+    elif spec.target_loss is not None:
+        target, source = spec.target_loss, "declared"
+    else:
+        target = auto_target(results, spec.largest_batch, spec.target_fraction)
+        source = "auto" if target is not None else "auto (no finished baseline run at the largest batch yet)"
+    for r in results:
+        r.target_loss = target
+        t = to_target(r.curve, target) if r.done else ToTarget()
+        r.steps_to_target, r.steps_to_target_interp = t.steps, t.steps_interp
+        r.tokens_to_target, r.passes_to_target, r.wall_to_target = t.tokens, t.passes, t.wall
+    best = select_best(results)
+    for r in best.values():
+        r.selected = True
+    fits: dict[str, CriticalBatchFit | None] = {}
+    for m in spec.methods:
+        pts = [(b, best[(m.name, b)].steps_to_target_interp) for b in spec.batch_tokens
+               if (m.name, b) in best and best[(m.name, b)].steps_to_target_interp is not None]
+        fits[m.name] = fit_critical_batch([p[0] for p in pts], [float(p[1]) for p in pts])  # type: ignore[arg-type]
+    warm = read_run(warmup, study_dir) if warmup is not None else None
+    return StudyResults(spec=spec, target_loss=target, target_source=source, runs=results, best=best,
+                        fits=fits, warmup=warm)

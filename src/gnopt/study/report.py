@@ -1,0 +1,378 @@
+"""The outputs of a study: ``runs.csv``, ``runs.json``, ``study.json``, PNG plots and ``report.md``.
+
+Plots use matplotlib with the Agg backend (no display needed); matplotlib is the optional ``plot`` extra,
+and :func:`require_matplotlib` names the install command when it is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gnopt.checkpoint import atomic_write_bytes, atomic_write_text
+from gnopt.errors import GnoptError
+from gnopt.study.analysis import RUN_COLUMNS, RunResult, StudyResults
+
+RUNS_CSV = "runs.csv"
+RUNS_JSON = "runs.json"
+STUDY_JSON = "study.json"
+REPORT_MD = "report.md"
+PLOT_LOSS = "val_loss_largest_batch.png"
+PLOT_STEPS = "steps_to_target_vs_batch.png"
+#: Every file :func:`write_outputs` produces, relative to the study folder.
+OUTPUT_FILES: tuple[str, ...] = (RUNS_CSV, RUNS_JSON, STUDY_JSON, REPORT_MD, PLOT_LOSS, PLOT_STEPS)
+
+
+def require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or a :class:`GnoptError` with the install command."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise GnoptError(
+            "the study's plots need matplotlib, which is not installed; install the plot extra: "
+            "pip install -c constraints.txt -e '.[plot]'."
+        ) from None
+    return plt
+
+
+# ------------------------------------------------------------------------------------------------------
+# formatting
+# ------------------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, kind: str = "g") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "nan"
+        if kind == "loss":
+            return f"{v:.4f}"
+        if kind == "steps":
+            return f"{v:.1f}"
+        if kind == "s":
+            return f"{v:.1f}"
+        if kind == "int":
+            return f"{v:,.0f}"
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}" if kind == "int" else str(v)
+    return str(v)
+
+
+def _tokens(v: float | int | None) -> str:
+    """Batch sizes / token counts: 65536 -> 64K, 1048576 -> 1M."""
+    if v is None or not math.isfinite(float(v)):
+        return "–"
+    v = float(v)
+    for unit, div in (("M", 2**20), ("K", 2**10)):
+        if abs(v) >= div:
+            q = v / div
+            return f"{q:.0f}{unit}" if abs(q - round(q)) < 0.05 else f"{q:.1f}{unit}"
+    return f"{v:.0f}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _setting(r: RunResult) -> str:
+    return f"{r.lr:g}" + (f" / {r.adam_lr:g}" if r.adam_lr is not None else "")
+
+
+# ------------------------------------------------------------------------------------------------------
+# data files
+# ------------------------------------------------------------------------------------------------------
+
+
+def write_runs_csv(results: StudyResults, path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(RUN_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for r in results.runs:
+        row = r.row()
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+# ------------------------------------------------------------------------------------------------------
+# plots
+# ------------------------------------------------------------------------------------------------------
+
+
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
+
+
+def plot_loss_curves(results: StudyResults, path: Path) -> None:
+    """Validation loss vs. step at the largest batch: the best run of every method."""
+    plt = require_matplotlib()
+    spec = results.spec
+    b = spec.largest_batch
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    drawn = 0
+    for i, m in enumerate(spec.methods):
+        r = results.best.get((m.name, b))
+        if r is None or not r.curve.evals:
+            continue
+        pts = [(s, v) for s, _, v in r.curve.evals if math.isfinite(v)]
+        if not pts:
+            continue
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o", markersize=2.5, linewidth=1.4, color=f"C{i % 10}",
+                linestyle="-" if not m.is_gn else "--", label=f"{m.name} (lr {_setting(r)})")
+        drawn += 1
+    if results.target_loss is not None:
+        ax.axhline(results.target_loss, color="black", linewidth=0.8, linestyle=":",
+                   label=f"target {results.target_loss:.4f}")
+    ax.set_xlabel("step (GN: outer step)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"{spec.name}: validation loss at batch {_tokens(b)} tokens (best lr per method)")
+    if drawn:
+        finals = [v for r in results.best.values() if r.batch_tokens == b for _, _, v in r.curve.evals
+                  if math.isfinite(v)]
+        if finals:
+            lo, hi = min(finals), np.percentile(finals, 90)
+            if hi > lo:
+                ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+        ax.legend(fontsize=7, loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no finished run at the largest batch yet", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_steps_vs_batch(results: StudyResults, path: Path) -> None:
+    """Steps to target vs. batch size (log-log), one line per method, with the S(B) fit and B_crit."""
+    plt = require_matplotlib()
+    spec = results.spec
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    bmin, bmax = spec.batch_tokens[0], spec.batch_tokens[-1]
+    dense = np.geomspace(bmin / 1.5, bmax * 1.5, 200)
+    drawn = 0
+    for i, m in enumerate(spec.methods):
+        pts = [(b, results.best[(m.name, b)].steps_to_target_interp) for b in spec.batch_tokens
+               if (m.name, b) in results.best and results.best[(m.name, b)].steps_to_target_interp]
+        if not pts:
+            continue
+        color = f"C{i % 10}"
+        fit = results.fits.get(m.name)
+        label = m.name
+        if fit is not None:
+            bc = _tokens(fit.b_crit) if fit.b_crit > 0 else "0"
+            edge = {"above": " (> grid)", "below": " (< grid)"}.get(fit.bound or "", "")
+            label += f": B_crit≈{bc}{edge}"
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o", linestyle="none", color=color, label=label)
+        if fit is not None:
+            ax.plot(dense, fit.steps(dense), color=color, linewidth=1.0,
+                    linestyle="-" if not m.is_gn else "--")
+            if fit.b_crit > 0 and dense[0] <= fit.b_crit <= dense[-1]:
+                ax.plot([fit.b_crit], [2 * fit.s_min], marker="*", markersize=11, color=color,
+                        markeredgecolor="black", markeredgewidth=0.5)
+        else:
+            ax.plot(xs, ys, color=color, linewidth=0.8, alpha=0.6)
+        drawn += 1
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (tokens per step)")
+    ax.set_ylabel("steps to target (interpolated)")
+    tl = f"{results.target_loss:.4f}" if results.target_loss is not None else "undetermined"
+    ax.set_title(f"{spec.name}: steps to val loss {tl}; fit S(B)=S_min(1+B_noise/B), ★ = B_crit")
+    ax.set_xticks(list(spec.batch_tokens))
+    ax.set_xticklabels([_tokens(b) for b in spec.batch_tokens])
+    if drawn:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no run has reached the target yet", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------
+# markdown
+# ------------------------------------------------------------------------------------------------------
+
+
+def render_report(results: StudyResults) -> str:
+    spec = results.spec
+    base = spec.base
+    lines: list[str] = [f"# Study `{spec.name}`\n"]
+    if spec.description:
+        lines.append(spec.description.strip() + "\n")
+    done = sum(r.done for r in results.runs)
+    lines.append(f"Experiment file: `{spec.path}`. Runs finished: {done} of {len(results.runs)}.\n")
+
+    # --- protocol -----------------------------------------------------------------------------------
+    lines.append("## Protocol\n")
+    any_run = next((r for r in results.runs), None)
+    cfg_rows = [
+        ["data", str(base.get("data", "embedded default corpus"))],
+        ["preset / tokenizer",
+         f"{base.get('preset', 'cpu-small')} / {base.get('tokenizer', 'the preset default')}"],
+        ["micro-batch", f"{base.get('micro_batch_size', 16)} sequences"
+         + (f" ({any_run.batch_tokens // max(any_run.n_micro, 1):,} tokens)" if any_run else "")],
+        ["batch grid (tokens)", ", ".join(_tokens(b) for b in spec.batch_tokens)],
+        ["budget", spec.budget.describe()],
+        ["evaluation", f"{base.get('eval_tokens', 32768):,} validation tokens, "
+         + (f"every {spec.eval_every} steps" if spec.eval_every
+            else f"{spec.evals_per_run} evaluations per run")],
+        ["seed", str(base.get("seed", 0))],
+    ]
+    w = results.warmup
+    if w is not None:
+        cfg_rows.append(["shared warm start", f"{spec.warmup.get('optimizer', 'adamw')} lr {w.lr:g}, "
+                         f"{w.steps_planned} steps at batch {_tokens(w.batch_tokens)} "
+                         f"({spec.warmup_fraction:.0%} of the budget at the largest batch); val loss "
+                         f"{_fmt(w.initial_val_loss, 'loss')} → {_fmt(w.final_val_loss, 'loss')}"])
+    tgt = _fmt(results.target_loss, "loss")
+    how = {
+        "declared": "declared in the experiment file",
+        "given": "given on the command line",
+        "auto": f"auto: the lowest loss any baseline run at batch {_tokens(spec.largest_batch)} has at "
+        f"{spec.target_fraction:.0%} of its budget",
+    }.get(results.target_source, results.target_source)
+    cfg_rows.append(["target validation loss", f"{tgt} ({how})"])
+    lines.append(_table(["", ""], cfg_rows))
+    lines.append("\nMethods and their learning-rate grids (every setting is run at every batch size; the "
+                 "best one is chosen by steps to target, ties by final validation loss):\n")
+    mrows = []
+    for m in spec.methods:
+        over = ", ".join(f"{k}={v}" for k, v in m.overrides.items()) or "–"
+        grid = ", ".join(f"{x:g}" for x in m.lr)
+        if m.adam_lr != (None,):
+            grid += " × adam_lr " + ", ".join(f"{x:g}" for x in m.adam_lr if x is not None)
+        mrows.append([m.name, m.optimizer, grid, str(len(m.grid)), over,
+                      spec.budget_of(m).describe() if m.budget else "experiment's"])
+    lines.append(_table(["method", "optimizer", "lr grid", "settings", "fixed overrides", "budget"], mrows))
+
+    # --- best per (method, batch) --------------------------------------------------------------------
+    lines.append("\n## Best setting per method and batch size\n")
+    lines.append("Steps, tokens (training + line-search), forward+backward-equivalent passes and wall "
+                 "seconds are counted up to the first evaluation at or below the target; `–` = target not "
+                 "reached within the budget.\n")
+    rows = []
+    for m in spec.methods:
+        for b in spec.batch_tokens:
+            r = results.best.get((m.name, b))
+            if r is None:
+                rows.append([m.name, _tokens(b), "not run"] + ["–"] * 7)
+                continue
+            rows.append([m.name, _tokens(b), _setting(r), f"{r.steps_planned}", _fmt(r.steps_to_target),
+                         _fmt(r.steps_to_target_interp, "steps"), _tokens(r.tokens_to_target),
+                         _fmt(r.passes_to_target, "int"), _fmt(r.wall_to_target, "s"),
+                         _fmt(r.final_val_loss, "loss")])
+    lines.append(_table(["method", "batch", "lr", "steps", "steps to target", "(interp.)", "tokens to target",
+                         "passes to target", "wall to target (s)", "final val loss"], rows))
+
+    # --- largest batch comparison -------------------------------------------------------------------
+    b = spec.largest_batch
+    at_b = [(m, results.best.get((m.name, b))) for m in spec.methods]
+    reached = [(m, r) for m, r in at_b if r is not None and r.steps_to_target_interp is not None]
+    if reached:
+        lines.append(f"\n## At the largest batch ({_tokens(b)} tokens)\n")
+        base_runs = [r for m, r in reached if not m.is_gn]
+        ref = min(base_runs, key=lambda r: r.steps_to_target_interp or math.inf) if base_runs else None
+        rows = []
+        for m, r in reached:
+            ratio = (f"{ref.steps_to_target_interp / r.steps_to_target_interp:.2f}x"
+                     if ref is not None and ref.steps_to_target_interp and r.steps_to_target_interp else "–")
+            pratio = (f"{ref.passes_to_target / r.passes_to_target:.2f}x"
+                      if ref is not None and ref.passes_to_target and r.passes_to_target else "–")
+            wratio = (f"{ref.wall_to_target / r.wall_to_target:.2f}x"
+                      if ref is not None and ref.wall_to_target and r.wall_to_target else "–")
+            rows.append([m.name, _fmt(r.steps_to_target_interp, "steps"), ratio,
+                         _fmt(r.passes_to_target, "int"), pratio, _fmt(r.wall_to_target, "s"), wratio])
+        lines.append("Speed-ups are relative to the best baseline"
+                     + (f" ({ref.method})" if ref is not None else "") + "; above 1 = fewer than it.\n")
+        lines.append(_table(["method", "steps to target", "speed-up (steps)", "passes to target",
+                             "speed-up (passes)", "wall to target (s)", "speed-up (wall)"], rows))
+
+    # --- critical batch --------------------------------------------------------------------------------
+    lines.append("\n## Critical batch size\n")
+    lines.append("Fit of S(B) = S_min·(1 + B_noise/B) to the best interpolated steps to target over the "
+                 "batch sizes where the target was reached (least squares on log S). B_crit = B_noise: the "
+                 "batch at which a method needs twice its minimal steps (and twice its minimal tokens). "
+                 "`> grid` / `< grid`: the fit runs into the edge of its search range (B_crit far above / "
+                 f"below the grid). See `{PLOT_STEPS}`.\n")
+    rows = []
+    for m in spec.methods:
+        fit = results.fits.get(m.name)
+        npts = sum(1 for bb in spec.batch_tokens if (m.name, bb) in results.best
+                   and results.best[(m.name, bb)].steps_to_target_interp is not None)
+        if fit is None:
+            rows.append([m.name, "–", "–", str(npts), "–", "too few points (needs 2 batch sizes at target)"])
+            continue
+        edge = {"above": "> grid", "below": "< grid"}.get(fit.bound or "", "")
+        rows.append([m.name, _fmt(fit.s_min, "steps"), _tokens(fit.b_crit) + (f" ({edge})" if edge else ""),
+                     str(fit.n_points), f"{fit.rmse_log:.3f}",
+                     "exact (2 points)" if fit.n_points == 2 else ""])
+    lines.append(_table(["method", "S_min (steps)", "B_crit (tokens)", "points", "rmse(log S)", "note"],
+                        rows))
+
+    # --- plots -----------------------------------------------------------------------------------------
+    lines.append("\n## Plots\n")
+    lines.append(f"![validation loss at the largest batch]({PLOT_LOSS})\n")
+    lines.append(f"![steps to target vs batch size]({PLOT_STEPS})\n")
+
+    # --- all runs -------------------------------------------------------------------------------------
+    lines.append("\n## All runs\n")
+    lines.append(f"Every run of the sweep (also in `{RUNS_CSV}` / `{RUNS_JSON}`); ✓ = the selected "
+                 "setting.\n")
+    rows = []
+    for r in results.runs:
+        rows.append([r.method, _tokens(r.batch_tokens), _setting(r), r.status, "✓" if r.selected else "",
+                     f"{r.steps_done}/{r.steps_planned}", _fmt(r.steps_to_target),
+                     _fmt(r.final_val_loss, "loss"), _fmt(r.best_val_loss, "loss"), _fmt(r.wall_seconds, "s"),
+                     _fmt(r.seconds_per_step, "g")])
+    lines.append(_table(["method", "batch", "lr", "status", "best", "steps", "steps to target", "final val",
+                         "best val", "wall (s)", "s/step"], rows))
+    return "\n".join(lines)
+
+
+def write_outputs(results: StudyResults, study_dir: Path, *, plots: bool = True) -> list[Path]:
+    """Write every output file into ``study_dir``; returns their paths."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    write_runs_csv(results, study_dir / RUNS_CSV)
+    written.append(study_dir / RUNS_CSV)
+    data = _json_safe(results.to_dict())
+    atomic_write_text(study_dir / RUNS_JSON, json.dumps(data["runs"], indent=1) + "\n")
+    atomic_write_text(study_dir / STUDY_JSON, json.dumps(data, indent=1) + "\n")
+    written += [study_dir / RUNS_JSON, study_dir / STUDY_JSON]
+    if plots:
+        plot_loss_curves(results, study_dir / PLOT_LOSS)
+        plot_steps_vs_batch(results, study_dir / PLOT_STEPS)
+        written += [study_dir / PLOT_LOSS, study_dir / PLOT_STEPS]
+    atomic_write_text(study_dir / REPORT_MD, render_report(results))
+    written.append(study_dir / REPORT_MD)
+    return written

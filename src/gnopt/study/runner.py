@@ -1,0 +1,385 @@
+"""Run a study end to end, resumably: the shared warm start, every run of the sweep, the analysis, the report.
+
+Layout of a study folder (``--out``, default ``studies/<name>``)::
+
+    experiment.toml      a copy of the experiment file as last run
+    study.log            the progress lines (appended)
+    warmup/              the shared AdamW warm start (a normal gnopt run folder)
+    runs/<method>/B<batch>/lr<lr>[-alr<adam_lr>]/     one gnopt run folder per run (init_from = warmup/)
+    runs.csv, runs.json, study.json, report.md, *.png  (see gnopt.study.report)
+
+Resuming: every run folder is inspected before it is touched. A finished run (``summary.json`` complete,
+same fingerprint) is skipped; a run with a checkpoint is continued with ``resume=True`` (bitwise, see
+:mod:`gnopt.train`); a run that died before its first checkpoint is started over. A folder that holds a
+run with a *different* configuration (the experiment file changed after it ran) stops the study with an
+error naming the fields that differ, so results are never silently mixed or replaced. ``target_loss`` is
+not part of any run's configuration, so the target may change without invalidating anything.
+
+Progress: one line per run start and end, with the estimated time left for the whole study. The estimate
+uses the measured seconds per (step × batch token) of each method's finished runs (cost grows linearly in
+the batch for every method); a method without a finished run yet is estimated from the measured ones and
+a rough relative-cost prior (:data:`COST_PRIORS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from gnopt.config import fingerprint, fingerprint_diff, fingerprint_fields
+from gnopt.errors import GnoptError
+from gnopt.study.analysis import StudyResults, analyse
+from gnopt.study.report import require_matplotlib, write_outputs
+from gnopt.study.spec import RunSpec, StudySpec, plan_runs, warmup_run
+
+#: Rough wall-clock cost per token relative to AdamW, measured on the ``tiny`` preset on 2 CPU cores (GN
+#: includes its line search). Only used until a method has a finished run of its own.
+COST_PRIORS: dict[str, float] = {
+    "adamw": 1.0, "muon": 1.1, "soap": 1.0, "shampoo": 1.1,
+    "gn": 6.5, "gn-prox-linear": 6.5, "gn-layerwise": 10.0,
+}
+LOG_NAME = "study.log"
+
+Say = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------------------
+# state of one run folder
+# ------------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def run_action(run: RunSpec) -> str:
+    """What the study must do with ``run``: ``"skip"`` (finished), ``"resume"``, ``"restart"`` or ``"start"``.
+
+    Raises :class:`GnoptError` when the folder holds a run with another configuration.
+    """
+    out = Path(run.config.out or "")
+    cfg_json = _read_json(out / "config.json")
+    if not (out / "config.json").exists():
+        if (out / "checkpoint.pt").exists() or (out / "summary.json").exists():
+            raise GnoptError(f"{out} holds run files but no config.json; move it away or delete it.")
+        return "start"
+    old = cfg_json.get("config") if isinstance(cfg_json, dict) else None
+    if not isinstance(old, dict):
+        raise GnoptError(f"{out / 'config.json'} is unreadable; delete {out} to run it again.")
+    diff = fingerprint_diff(old, fingerprint_fields(run.config))
+    if diff:
+        raise GnoptError(
+            f"{out} holds a run of {run.label} with another configuration ({'; '.join(diff)}): the "
+            "experiment file changed since it ran. Use another --out for the new study, or delete "
+            f"{out} to redo the run."
+        )
+    summary = _read_json(out / "summary.json")
+    if (isinstance(summary, dict) and summary.get("completed")
+            and summary.get("fingerprint") == fingerprint(run.config)):
+        return "skip"
+    return "resume" if (out / "checkpoint.pt").exists() else "restart"
+
+
+# ------------------------------------------------------------------------------------------------------
+# time estimates
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CostModel:
+    """Seconds per (step × batch token) per method, from finished runs; priors for unmeasured methods."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    work: dict[str, float] = field(default_factory=dict)
+    optimizer_of: dict[str, str] = field(default_factory=dict)
+
+    def add(self, method: str, optimizer: str, seconds: float, steps: int, batch_tokens: int) -> None:
+        if seconds > 0 and steps > 0:
+            self.seconds[method] = self.seconds.get(method, 0.0) + seconds
+            self.work[method] = self.work.get(method, 0.0) + steps * batch_tokens
+            self.optimizer_of[method] = optimizer
+
+    def rate(self, method: str, optimizer: str) -> float | None:
+        if method in self.seconds:
+            return self.seconds[method] / self.work[method]
+        if not self.seconds:
+            return None
+        units = [self.seconds[m] / self.work[m] / COST_PRIORS.get(self.optimizer_of[m], 1.0)
+                 for m in self.seconds]
+        return sum(units) / len(units) * COST_PRIORS.get(optimizer, 1.0)
+
+    def estimate(self, run: RunSpec, steps_left: int | None = None) -> float | None:
+        r = self.rate(run.method, run.optimizer)
+        steps = run.steps if steps_left is None else steps_left
+        return None if r is None else r * steps * run.batch_tokens
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _steps_done(run: RunSpec) -> int:
+    """Steps already logged by a partial run (0 when none)."""
+    path = Path(run.config.out or "") / "metrics.jsonl"
+    last = 0
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "type" not in rec and isinstance(rec.get("step"), int):
+                last = max(last, rec["step"])
+    return last
+
+
+# ------------------------------------------------------------------------------------------------------
+# executing runs
+# ------------------------------------------------------------------------------------------------------
+
+
+def _execute(cfg_dict: dict[str, Any], action: str) -> dict[str, Any]:
+    """Run one training run (also the entry point of worker processes): returns its summary."""
+    from gnopt.config import TrainConfig
+    from gnopt.train import train
+
+    cfg = TrainConfig(**cfg_dict)
+    return train(cfg, resume=action == "resume", overwrite=action == "restart")
+
+
+@dataclass
+class StudyOptions:
+    """How ``gnopt study`` runs (none of these change what a run computes)."""
+
+    out: Path
+    threads: int | None = None
+    jobs: int = 1
+    only: Sequence[str] | None = None
+    quiet: bool = False  # no per-evaluation lines from the training loop
+    plots: bool = True
+
+
+class StudyRunner:
+    """Executes the plan of a :class:`StudySpec` into a study folder; see the module docstring."""
+
+    def __init__(self, spec: StudySpec, options: StudyOptions, *, say: Say | None = None) -> None:
+        if options.jobs < 1:
+            raise GnoptError(f"--jobs must be >= 1, got {options.jobs}.")
+        if options.threads is not None and options.threads < 1:
+            raise GnoptError(f"--threads must be >= 1, got {options.threads}.")
+        self.spec = spec
+        self.opt = options
+        self.out = options.out.resolve()
+        self.warmup = warmup_run(spec, self.out)
+        self.runs = plan_runs(spec, self.out, only=options.only)
+        self.all_runs = plan_runs(spec, self.out)
+        self.cost = CostModel()
+        self._say = say
+        self._log_fh: Any = None
+        self.t0 = time.perf_counter()
+
+    # ---------------------------------------------------------------- output
+    def say(self, msg: str) -> None:
+        line = f"[study {self.spec.name}] {msg}"
+        if self._say is not None:
+            self._say(line)
+        else:
+            print(line, flush=True)
+        if self._log_fh is not None:
+            self._log_fh.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+            self._log_fh.flush()
+
+    def _config(self, run: RunSpec, threads: int | None, quiet: bool) -> dict[str, Any]:
+        cfg = run.config
+        if threads is not None:
+            cfg = dataclasses.replace(cfg, threads=threads)
+        cfg = dataclasses.replace(cfg, quiet=quiet)
+        return cfg.to_dict()
+
+    # ---------------------------------------------------------------- plan / status
+    def actions(self) -> list[tuple[RunSpec, str]]:
+        """(run, action) for the warm-up and every planned run; checks every folder before any work."""
+        return [(self.warmup, run_action(self.warmup))] + [(r, run_action(r)) for r in self.runs]
+
+    def _seed_costs(self, actions: Sequence[tuple[RunSpec, str]]) -> None:
+        for run, action in actions:
+            if action == "skip":
+                s = _read_json(Path(run.config.out or "") / "summary.json")
+                if isinstance(s, dict) and isinstance(s.get("wall_seconds"), (int, float)):
+                    self.cost.add(run.method, run.optimizer, float(s["wall_seconds"]), int(s.get("steps", 0)),
+                                  run.batch_tokens)
+
+    def eta(self, pending: Sequence[RunSpec], current: Sequence[RunSpec] = ()) -> float | None:
+        """Estimated seconds for ``pending`` runs plus the rest of ``current`` ones, divided over the jobs."""
+        total = 0.0
+        for r in list(pending) + list(current):
+            left = r.steps - _steps_done(r)
+            e = self.cost.estimate(r, max(left, 0))
+            if e is None:
+                return None
+            total += e
+        return total / self.opt.jobs
+
+    def dry_run(self) -> list[tuple[RunSpec, str]]:
+        """Print the plan (and the estimate where runs have been measured); runs nothing."""
+        acts = self.actions()
+        self._seed_costs(acts)
+        todo = [r for r, a in acts if a != "skip"]
+        for i, (r, a) in enumerate(acts):
+            est = self.cost.estimate(r, r.steps - _steps_done(r)) if a != "skip" else None
+            self.say(f"{i}/{len(acts) - 1} {a:7s} {r.label}: {r.steps} steps of {r.config.n_micro} "
+                     "micro-batches" + (f", ~{_duration(est)}" if est is not None else "") + f" -> {r.rel}")
+        self.say(f"{len(todo)} of {len(acts)} runs to do; estimated {_duration(self.eta(todo))}"
+                 + ("" if self.cost.seconds else " (no measured run yet)"))
+        return acts
+
+    # ---------------------------------------------------------------- the study
+    def run(self) -> StudyResults:
+        """Run (or continue) the study, then write the outputs; returns the analysed results."""
+        if self.opt.plots:
+            require_matplotlib()  # fail now, not after hours of training
+        acts = self.actions()
+        self.out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.spec.path, self.out / "experiment.toml")
+        self._log_fh = (self.out / LOG_NAME).open("a", encoding="utf-8")
+        try:
+            self._seed_costs(acts)
+            n_todo = sum(a != "skip" for _, a in acts)
+            self.say(f"{len(acts)} runs (warm-up + {len(acts) - 1}), {len(acts) - n_todo} already finished, "
+                     f"{n_todo} to do; output {self.out}")
+            warm_action = acts[0][1]
+            if warm_action != "skip":
+                warm_threads = self.opt.threads
+                if self.opt.jobs > 1:  # nothing else runs during the warm-up: give it every job's threads
+                    warm_threads = (self.opt.threads or 1) * self.opt.jobs
+                if not self._run_one(0, len(acts) - 1, self.warmup, warm_action, [r for r, a in acts[1:]
+                                     if a != "skip"], warm_threads):
+                    return self.report()
+            pending = [(i + 1, r, a) for i, (r, a) in enumerate(acts[1:]) if a != "skip"]
+            for i, (r, a) in enumerate(acts[1:]):
+                if a == "skip":
+                    self.say(f"run {i + 1}/{len(acts) - 1} {r.label}: finished earlier, skipped")
+            if self.opt.jobs == 1:
+                for k, (idx, r, a) in enumerate(pending):
+                    rest = [p[1] for p in pending[k + 1:]]
+                    if not self._run_one(idx, len(acts) - 1, r, a, rest, self.opt.threads):
+                        break
+            else:
+                self._run_parallel(pending, len(acts) - 1)
+            self.say(f"all runs done in {_duration(time.perf_counter() - self.t0)}; writing the report")
+            return self.report()
+        finally:
+            logging.getLogger("gnopt.data").setLevel(logging.NOTSET)
+            if self._log_fh is not None:
+                self._log_fh.close()
+                self._log_fh = None
+
+    def _start_line(self, idx: int, n: int, run: RunSpec, action: str, rest: Sequence[RunSpec]) -> None:
+        verb = {"start": "start", "resume": f"resume at step {_steps_done(run)}",
+                "restart": "restart"}[action]
+        eta = self.eta(rest, [run])
+        self.say(f"run {idx}/{n} {verb} {run.label}: {run.steps} steps x {run.config.n_micro} micro-batches "
+                 f"| elapsed {_duration(time.perf_counter() - self.t0)}, study ETA {_duration(eta)}")
+
+    def _end_line(self, idx: int, n: int, run: RunSpec, summary: dict[str, Any], rest: Sequence[RunSpec],
+                  running: Sequence[RunSpec] = ()) -> None:
+        wall = float(summary.get("wall_seconds") or 0.0)
+        steps = int(summary.get("steps") or 0)
+        self.cost.add(run.method, run.optimizer, wall, steps, run.batch_tokens)
+        final = summary.get("final_val_loss")
+        final_s = f"{final:.4f}" if isinstance(final, float) else "not finite"
+        eta = self.eta(rest, running)
+        self.say(f"run {idx}/{n} done {run.label}: {steps} steps in {_duration(wall)} "
+                 f"({wall / max(steps, 1):.2f} s/step), final val loss {final_s} "
+                 f"| elapsed {_duration(time.perf_counter() - self.t0)}, study ETA {_duration(eta)}")
+
+    def _run_one(self, idx: int, n: int, run: RunSpec, action: str, rest: Sequence[RunSpec],
+                 threads: int | None) -> bool:
+        """Run one run in this process; False when it was interrupted (the study stops)."""
+        self._start_line(idx, n, run, action, rest)
+        summary = _execute(self._config(run, threads, self.opt.quiet), action)
+        # Every run reads the same corpus: after the first one, "data: cache hit ..." is noise.
+        logging.getLogger("gnopt.data").setLevel(logging.WARNING)
+        if not summary.get("completed", True):
+            self.say(f"run {idx}/{n} {run.label} stopped at step {summary.get('steps')} (checkpointed); the "
+                     "study stops here: run the same command again to continue")
+            return False
+        self._end_line(idx, n, run, summary, rest)
+        return True
+
+    def _run_parallel(self, pending: Sequence[tuple[int, RunSpec, str]], n: int) -> None:
+        """Run ``pending`` on ``jobs`` worker processes (each with ``threads`` threads, quiet)."""
+        queue = list(pending)
+        threads = self.opt.threads or 1
+        ctx = get_context("spawn")
+        running: dict[Future[dict[str, Any]], tuple[int, RunSpec]] = {}
+        stop = False
+        with ProcessPoolExecutor(max_workers=self.opt.jobs, mp_context=ctx) as pool:
+            try:
+                while queue or running:
+                    while queue and len(running) < self.opt.jobs and not stop:
+                        idx, r, a = queue.pop(0)
+                        self._start_line(idx, n, r, a, [q[1] for q in queue])
+                        fut = pool.submit(_execute, self._config(r, threads, True), a)
+                        running[fut] = (idx, r)
+                    if not running:
+                        break
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        idx, r = running.pop(fut)
+                        summary = fut.result()  # a worker's GnoptError / bug surfaces here
+                        if not summary.get("completed", True):
+                            self.say(f"run {idx}/{n} {r.label} stopped at step {summary.get('steps')}; the "
+                                     "study stops after the runs in flight: run it again to continue")
+                            stop = True
+                            continue
+                        self._end_line(idx, n, r, summary, [q[1] for q in queue],
+                                       [v[1] for v in running.values()])
+                    if stop and not running:
+                        break
+            except BaseException:
+                for fut in running:
+                    fut.cancel()
+                raise
+
+    # ---------------------------------------------------------------- outputs
+    def report(self, *, target_loss: float | None = None) -> StudyResults:
+        """Analyse every planned run of the experiment (not only ``--only``) and write the outputs."""
+        results = analyse(self.spec, self.out, self.all_runs, self.warmup, target_loss=target_loss)
+        written = write_outputs(results, self.out, plots=self.opt.plots)
+        done = sum(r.done for r in results.runs)
+        tl = f"{results.target_loss:.4f}" if results.target_loss is not None else "undetermined"
+        self.say(f"report: {done}/{len(results.runs)} runs finished, target loss {tl} "
+                 f"({results.target_source}); wrote {', '.join(p.name for p in written)} in {self.out}")
+        return results
+
+
+def default_out(spec: StudySpec) -> Path:
+    """``studies/<name>`` under the current directory."""
+    return Path("studies") / spec.name
+
+
+def run_study(spec: StudySpec, options: StudyOptions, *, say: Say | None = None) -> StudyResults:
+    """Convenience wrapper: ``StudyRunner(spec, options).run()``."""
+    return StudyRunner(spec, options, say=say).run()
+
