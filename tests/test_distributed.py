@@ -1,10 +1,12 @@
 """Data parallelism: 2 gloo processes equal 1 process; the real torchrun path; a dead or hung rank.
 
-The equivalence runs in float64 (the model is cast after it is built): float32 summation order differs
-between one batch of B rows and two shards of B/2 rows, and Adam's / Muon's normalizations amplify that
-rounding noise over steps, which would hide a real error behind a loose tolerance. In float64 the two
-runs agree to ~1e-12, so the test's tolerances (losses 1e-6, parameters 1e-5) have a wide margin. The
-real ``torchrun -m gnopt train`` run is float32 and is compared more loosely.
+The equivalence runs in float64 (the model is cast after it is built). In float32 the summation order of
+one batch of B rows and of two shards of B/2 rows differs in the last bit, and torch's Muon (also GN's inner
+Muon) runs its Newton-Schulz iteration in bfloat16, where such a last-bit difference sometimes flips a
+rounding: after 3 steps float32 runs differ by ~2e-5 (Muon) to ~6e-5 (GN) in the loss and ~2e-4 in the
+weights, while AdamW stays within 3e-7 / 2e-7. In float64 the runs agree to ~1e-15, so the required
+tolerances (losses 1e-6, parameters 1e-5) have a wide margin and a real error cannot hide behind them.
+The real ``torchrun -m gnopt train`` run is float32 and is compared more loosely.
 """
 
 from __future__ import annotations
@@ -199,8 +201,8 @@ def test_torchrun_cli_matches_one_process(corpus: Path, tmp_path: Path) -> None:
     ref, dp = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "dp")
     pairs = _loss_pairs(ref, dp)  # also: no line twice, global token counts
     assert abs(pairs[0][0] - pairs[0][1]) <= 1e-6  # initial val loss: sharded evaluation
-    # float32: Muon's bf16 Newton-Schulz turns summation-order noise into ~1e-5 differences over steps
-    assert max(abs(a - b) for a, b in pairs) <= 2e-3
+    # float32: the inner Muon's bf16 Newton-Schulz turns last-bit noise into ~6e-5 loss differences
+    assert max(abs(a - b) for a, b in pairs) <= 5e-4
     summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["completed"] is True
     assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == \
