@@ -173,8 +173,9 @@ def readme_commands() -> tuple[str, str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     train_cmd = next(line for line in blocks[0].splitlines() if line.startswith("gnopt train "))
-    install, test_cmd = (line for line in blocks[1].splitlines() if line.strip())
-    assert install == "pip install -c constraints.txt -e '.[dev]'"
+    *installs, test_cmd = (line.split("#")[0].strip() for line in blocks[1].splitlines() if line.strip())
+    assert installs == ["pip install -c constraints.txt -e '.[dev]'",
+                        "pip install -c constraints.txt --no-deps curvlinops-for-pytorch==3.0.1"]
     assert blocks[0].splitlines()[0] == "pip install -c constraints.txt -e ."
     return train_cmd, test_cmd
 
@@ -185,6 +186,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
              if ln.strip() and not ln.strip().startswith("#")]
     assert lines[0] == "set -euo pipefail"
     assert "pip install -c constraints.txt -e '.[dev]'" in lines
+    assert "pip install -c constraints.txt --no-deps curvlinops-for-pytorch==3.0.1" in lines
     assert "ruff check src tests benchmarks" in lines
     assert lines[-1] == test_cmd == "pytest -q"
 

@@ -149,7 +149,8 @@ class GaussNewton:
         ema_decay: keep an exponential moving average of the outer iterates (``None``: off).
         inner_clip: clip each block's inner gradient to this global norm (``None``/0: off).
         all_reduce_mean: data parallelism: a function returning the mean of a tensor over all processes
-            (e.g. ``torch.distributed.all_reduce`` with ``ReduceOp.AVG``). Each process feeds its shard of
+            (e.g. ``gnopt.distributed.all_reduce_mean``: all-reduce SUM, then divide by the world size; gloo
+            has no AVG). It may work in place; its result is used. Each process feeds its shard of
             every micro-batch; inner gradients, GN-vector products, losses and line-search losses are
             averaged with it, so every process takes identical steps. ``None``: single process.
     """
@@ -291,7 +292,7 @@ class GaussNewton:
                     blk, theta, x, y, z, leaves, loc, loss0, factor, rec, trace=i in q_sums, retain=not last
                 )
                 block_seconds[k] += time.perf_counter() - tb
-                if q_minus_loss0 is not None:
+                if q_minus_loss0 is not None and i in q_sums:
                     q_sums[i] += q_minus_loss0
                 norms.append(gnorm)
             del z, leaves, loc
