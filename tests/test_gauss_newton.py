@@ -786,3 +786,21 @@ def test_state_dict_is_a_snapshot_not_a_view(config: str) -> None:
     2 more steps must reproduce those steps exactly as the torch.save copy does."""
     tail, state, _, want = _run_and_snapshot(config)
     _resume_and_compare(config, tail, state, want)
+
+
+@pytest.mark.parametrize("mode", ["gn", "prox_linear"])
+def test_model_value_is_traced_at_five_inner_steps_of_many(mode: str) -> None:
+    """N = 9 inner steps: q is traced at steps 0, 2, 4, 6, 8 (every ⌊N/4⌋ and the last), for both modes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    gen = torch.Generator().manual_seed(0)
+    batches = iter([(torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen))
+                    for _ in range(40)])
+    gn = GaussNewton(model, SoftmaxCrossEntropy(), inner_steps=9, mode=mode)
+    for t in range(2):
+        rec = gn.step(batches)
+        assert rec.q_trace_steps == [0, 2, 4, 6, 8]
+        assert len(rec.q_trace) == 5 and all(math.isfinite(q) for q in rec.q_trace)
+        assert rec.q_start == rec.q_trace[0] and rec.q_end == rec.q_trace[-1]
+        if t == 0:
+            assert rec.q_start == 0.0  # Δ = 0 at the very first inner step: the model equals the loss
