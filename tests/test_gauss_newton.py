@@ -804,3 +804,19 @@ def test_model_value_is_traced_at_five_inner_steps_of_many(mode: str) -> None:
         assert rec.q_start == rec.q_trace[0] and rec.q_end == rec.q_trace[-1]
         if t == 0:
             assert rec.q_start == 0.0  # Δ = 0 at the very first inner step: the model equals the loss
+
+
+def test_a_non_finite_direction_is_rejected_without_touching_theta() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    sgd = TorchOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.1))
+    gn = GaussNewton(model, MSELoss(), inner_steps=1, inner=sgd)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():  # corrupt the warm-started inner iterate the way a broken optimizer state would
+        gn._blocks[0].theta_hat["weight"].fill_(float("inf"))
+    gn._blocks[0].at_origin = False
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    rec = gn.step(iter([(x, y)] * 2))
+    assert rec.rejected and rec.alpha is None and rec.ls_losses == []
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert torch.isfinite(gn._blocks[0].theta_hat["weight"]).all()  # the inner solver restarts from θ_t

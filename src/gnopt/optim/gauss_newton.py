@@ -251,7 +251,10 @@ class GaussNewton:
             ls_batches = [self._next(batches) for _ in range(n_ls)]
             rec.ls_micro_batches = n_ls
             rec.ls_tokens = sum(self.loss.count(y) for _, y in ls_batches)
-        alpha = self._line_search(theta, direction, ls_batches, rec)
+        if math.isfinite(rec.direction_norm):
+            alpha = self._line_search(theta, direction, ls_batches, rec)
+        else:  # a non-finite inner iterate (e.g. an optimizer state gone bad): never let it reach θ
+            alpha, rec.rejected = None, True
         rec.time_line_search = time.perf_counter() - t1
 
         self._finish(theta, direction, alpha, rec)
