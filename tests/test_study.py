@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from gnopt.cli import main
 from gnopt.config import OPTIMIZERS, TrainConfig, fingerprint, resolve
 from gnopt.errors import GnoptError
 from gnopt.study.analysis import RUN_COLUMNS, RunCurve, fit_critical_batch, loss_at, to_target
+from gnopt.study.runner import run_action
 from gnopt.study.spec import load_spec, plan_runs, warmup_run
 from gnopt.train import train
 
@@ -292,3 +294,25 @@ def test_smoke_study_end_to_end_and_resume(tmp_path: Path, capsys: pytest.Captur
     assert "holds a run of warmup" in err and "eval_tokens: 2048 -> 1024" in err
     assert main(["study", str(exp), "--out", str(out), "--only", "lion"]) == 2
     assert "has no method 'lion'" in capsys.readouterr().err
+
+
+def test_run_actions_and_parallel_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = tmp_path / "mini.toml"
+    exp.write_text(MINIMAL.replace('micro_batch_size = 4', 'micro_batch_size = 4\neval_tokens = 256')
+                   .replace("[methods.gn]", "[methods.gn]\nadam_lr = 1e-3"), encoding="utf-8")
+    out = tmp_path / "study"
+    spec = load_spec(exp)
+    run = plan_runs(spec, out)[0]
+    assert run_action(run) == "start"
+    # a run stopped early (as by SIGTERM) is resumed, a finished one skipped
+    warm = warmup_run(spec, out)
+    train(dataclasses.replace(warm.config, quiet=True, threads=1))
+    train(dataclasses.replace(run.config, stop_after=2, quiet=True, threads=1))
+    assert run_action(run) == "resume"
+    printed = _study(capsys, str(exp), "--out", str(out), "--jobs", "2", "--quiet")
+    assert "resume at step 2 adamw B=256 lr=0.001" in printed and printed.count("/8 done ") == 8
+    assert run_action(run) == "skip"
+    assert len(list(out.glob("runs/*/B*/*/summary.json"))) == 8 and (out / "report.md").is_file()
+    other = dataclasses.replace(run, config=dataclasses.replace(run.config, weight_decay=0.1))
+    with pytest.raises(GnoptError, match="weight_decay: 0.0 -> 0.1"):
+        run_action(other)

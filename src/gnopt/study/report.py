@@ -154,12 +154,14 @@ def plot_loss_curves(results: StudyResults, path: Path) -> None:
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"{spec.name}: validation loss at batch {_tokens(b)} tokens (best lr per method)")
     if drawn:
-        finals = [v for r in results.best.values() if r.batch_tokens == b for _, _, v in r.curve.evals
-                  if math.isfinite(v)]
-        if finals:
-            lo, hi = min(finals), np.percentile(finals, 90)
+        # From the lowest loss to the shared starting loss: a diverging curve leaves through the top.
+        curves = [[v for _, _, v in r.curve.evals if math.isfinite(v)] for r in results.best.values()
+                  if r.batch_tokens == b]
+        curves = [c for c in curves if c]
+        if curves:
+            lo, hi = min(min(c) for c in curves), max(c[0] for c in curves)
             if hi > lo:
-                ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+                ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         ax.legend(fontsize=7, loc="upper right")
     else:
         ax.text(0.5, 0.5, "no finished run at the largest batch yet", ha="center", va="center",

@@ -269,11 +269,10 @@ class StudyRunner:
                      f"{n_todo} to do; output {self.out}")
             warm_action = acts[0][1]
             if warm_action != "skip":
-                warm_threads = self.opt.threads
-                if self.opt.jobs > 1:  # nothing else runs during the warm-up: give it every job's threads
-                    warm_threads = (self.opt.threads or 1) * self.opt.jobs
-                if not self._run_one(0, len(acts) - 1, self.warmup, warm_action, [r for r, a in acts[1:]
-                                     if a != "skip"], warm_threads):
+                # Same thread count as every run (more threads than free cores is often slower, not faster).
+                warm_threads = self.opt.threads or (1 if self.opt.jobs > 1 else None)
+                rest = [r for r, a in acts[1:] if a != "skip"]
+                if not self._run_one(0, len(acts) - 1, self.warmup, warm_action, rest, warm_threads):
                     return self.report()
             pending = [(i + 1, r, a) for i, (r, a) in enumerate(acts[1:]) if a != "skip"]
             for i, (r, a) in enumerate(acts[1:]):
