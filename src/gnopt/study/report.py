@@ -298,14 +298,17 @@ def render_report(results: StudyResults) -> str:
 
     # --- largest batch comparison -------------------------------------------------------------------
     b = spec.largest_batch
-    at_b = [(m, results.best.get((m.name, b))) for m in spec.methods]
-    reached = [(m, r) for m, r in at_b if r is not None and r.steps_to_target_interp is not None]
+    at_b = [(m, r) for m in spec.methods if (r := results.best.get((m.name, b))) is not None]
+    reached = [(m, r) for m, r in at_b if r.steps_to_target_interp is not None]
     if reached:
         lines.append(f"\n## At the largest batch ({_tokens(b)} tokens)\n")
         base_runs = [r for m, r in reached if not m.is_gn]
         ref = min(base_runs, key=lambda r: r.steps_to_target_interp or math.inf) if base_runs else None
         rows = []
-        for m, r in reached:
+        for m, r in at_b:
+            if r.steps_to_target_interp is None:
+                rows.append([m.name, "not reached", "–", "–", "–", "–", "–"])
+                continue
             ratio = (f"{ref.steps_to_target_interp / r.steps_to_target_interp:.2f}x"
                      if ref is not None and ref.steps_to_target_interp and r.steps_to_target_interp else "–")
             pratio = (f"{ref.passes_to_target / r.passes_to_target:.2f}x"
@@ -314,7 +317,7 @@ def render_report(results: StudyResults) -> str:
                       if ref is not None and ref.wall_to_target and r.wall_to_target else "–")
             rows.append([m.name, _fmt(r.steps_to_target_interp, "steps"), ratio,
                          _fmt(r.passes_to_target, "int"), pratio, _fmt(r.wall_to_target, "s"), wratio])
-        lines.append("Speed-ups are relative to the best baseline"
+        lines.append("Speed-ups are relative to the baseline with the fewest steps to target"
                      + (f" ({ref.method})" if ref is not None else "") + "; above 1 = fewer than it.\n")
         lines.append(_table(["method", "steps to target", "speed-up (steps)", "passes to target",
                              "speed-up (passes)", "wall to target (s)", "speed-up (wall)"], rows))

@@ -15,10 +15,11 @@ run with a *different* configuration (the experiment file changed after it ran) 
 error naming the fields that differ, so results are never silently mixed or replaced. ``target_loss`` is
 not part of any run's configuration, so the target may change without invalidating anything.
 
-Progress: one line per run start and end, with the estimated time left for the whole study. The estimate
-uses the measured seconds per (step × batch token) of each method's finished runs (cost grows linearly in
-the batch for every method); a method without a finished run yet is estimated from the measured ones and
-a rough relative-cost prior (:data:`COST_PRIORS`).
+Progress: one line per run start and end, with the estimated time left for the whole study (and, with
+``--jobs`` > 1, whose workers are quiet, a line every minute with the step each run in flight is at). The
+estimate uses the measured seconds per (step × batch token) of each method's finished runs (cost grows
+linearly in the batch for every method); a method without a finished run yet is estimated from the
+measured ones and a rough relative-cost prior (:data:`COST_PRIORS`).
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ class StudyOptions:
     only: Sequence[str] | None = None
     quiet: bool = False  # no per-evaluation lines from the training loop
     plots: bool = True
+    progress_every: float = 60.0  # --jobs > 1: seconds between "at step s/S" lines for the runs in flight
 
 
 class StudyRunner:
@@ -343,7 +345,14 @@ class StudyRunner:
                         running[fut] = (idx, r)
                     if not running:
                         break
-                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    done, _ = wait(list(running), timeout=self.opt.progress_every,
+                                   return_when=FIRST_COMPLETED)
+                    if not done:  # the workers are quiet: say where they are
+                        where = "; ".join(f"run {i}/{n} {r.label} at step {_steps_done(r)}/{r.steps}"
+                                          for i, r in running.values())
+                        eta = self.eta([q[1] for q in queue], [v[1] for v in running.values()])
+                        self.say(f"{where} | elapsed {_duration(time.perf_counter() - self.t0)}, study ETA "
+                                 f"{_duration(eta)}")
                     for fut in done:
                         idx, r = running.pop(fut)
                         summary = fut.result()  # a worker's GnoptError / bug surfaces here
