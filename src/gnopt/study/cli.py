@@ -21,7 +21,7 @@ def add_study_parser(sub: Any) -> argparse.ArgumentParser:
         "runs.csv, runs.json, study.json, report.md and the plots into the study folder.",
     )
     p.add_argument("experiment", metavar="EXPERIMENT.toml", help="the experiment file (see experiments/)")
-    p.add_argument("--out", metavar="DIR", help="study folder (default: studies/<experiment name>)")
+    p.add_argument("--out", metavar="DIR", help="study folder (default: runs/study-<experiment name>)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch threads per run (default: every core; with --jobs: 1)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",

@@ -1,6 +1,6 @@
 """Run a study end to end, resumably: the shared warm start, every run of the sweep, the analysis, the report.
 
-Layout of a study folder (``--out``, default ``studies/<name>``)::
+Layout of a study folder (``--out``, default ``runs/study-<name>``, which git ignores)::
 
     experiment.toml      a copy of the experiment file as last run
     study.log            the progress lines (appended)
@@ -383,8 +383,8 @@ class StudyRunner:
 
 
 def default_out(spec: StudySpec) -> Path:
-    """``studies/<name>`` under the current directory."""
-    return Path("studies") / spec.name
+    """``runs/study-<name>`` under the current directory (``runs/`` is git-ignored)."""
+    return Path("runs") / f"study-{spec.name}"
 
 
 def run_study(spec: StudySpec, options: StudyOptions, *, say: Say | None = None) -> StudyResults:

@@ -3,7 +3,7 @@
 An experiment file has four parts (``experiments/smoke.toml`` is a complete small example)::
 
     [experiment]
-    name = "smoke"                    # names the default output folder (studies/<name>)
+    name = "smoke"                    # names the default output folder (runs/study-<name>)
     description = "..."
     batch_tokens = [512, 2048]        # the batch grid, in tokens per optimizer (GN: outer) step
     budget_tokens = 65536             # training tokens per run: steps = ceil(budget_tokens / batch_tokens)
