@@ -203,5 +203,5 @@ def test_readme_main_command_runs_at_smoke_size(tmp_path: Path) -> None:
     args += ["--eval-tokens", "2048", "--quiet", "--threads", "1"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["preset"] == "cpu-small" and summary["optimizer"] == "muon"
+    assert summary["steps"] == 2 and summary["preset"] == "cpu-small" and summary["optimizer"] == "gn"
     assert summary["final_val_loss"] < summary["initial_val_loss"]
