@@ -85,3 +85,13 @@ def test_inner_steps_sets_the_gn_batch_and_must_agree_with_batch_tokens(
     assert main(argv) == 2
     assert "disagree" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_default_inner_learning_rates_follow_the_inner_optimizer() -> None:
+    from gnopt.config import TrainConfig, resolve
+
+    lrs = {io: (resolve(TrainConfig(optimizer="gn", inner_optimizer=io)).lr,
+                resolve(TrainConfig(optimizer="gn", inner_optimizer=io)).adam_lr)
+           for io in ("muon", "adamw", "soap", "shampoo")}
+    assert lrs == {"muon": (0.01, 1e-3), "adamw": (1e-3, None), "soap": (3e-3, None), "shampoo": (1e-3, None)}
+    assert resolve(TrainConfig(optimizer="gn", inner_optimizer="adamw", lr=5e-4)).lr == 5e-4

@@ -67,6 +67,9 @@ DEFAULT_LRS: dict[str, tuple[float, float | None]] = {
     "gn-layerwise": (0.01, 1e-3),
 }
 
+#: Default ``lr`` of GN inner optimizers that have one group for every parameter (``adam_lr`` is unused).
+GN_SINGLE_GROUP_INNER_LRS: dict[str, float] = {"adamw": 1e-3, "soap": 3e-3, "shampoo": 1e-3}
+
 #: Fields that control *how* a run executes but not *what* it computes. They are left out of the
 #: fingerprint, so a run may be resumed with another thread count, device, output path or cadence.
 RUN_CONTROL_FIELDS: frozenset[str] = frozenset(
@@ -358,6 +361,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise GnoptError(f"eval_tokens={r.eval_tokens} is smaller than one sequence (seq_len={r.seq_len}).")
 
     default_lr, default_adam_lr = DEFAULT_LRS[r.optimizer]
+    if r.optimizer in GN_OPTIMIZERS and r.inner_optimizer in GN_SINGLE_GROUP_INNER_LRS:
+        # One learning rate for every parameter: the inner optimizer's own scale, not Muon's.
+        default_lr, default_adam_lr = GN_SINGLE_GROUP_INNER_LRS[r.inner_optimizer], None
     if r.lr is None:
         r.lr = default_lr
     if r.adam_lr is None:
