@@ -35,3 +35,16 @@ def english_text(gutenberg_dir: Path) -> str:
         f.seek(1_000_000)
         raw = f.read(200_000)
     return raw[raw.index(b"\n") + 1 : raw.rindex(b"\n") + 1].decode("utf-8")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~60 KB of repetitive but learnable text (plenty for tiny: 32-token windows, 4 per micro-batch)."""
+    import random
+
+    rng = random.Random(0)
+    words = "the a quick brown fox jumps over lazy dog cat sat on mat while birds sing in green trees".split()
+    lines = [" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(1200)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

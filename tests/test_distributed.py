@@ -34,18 +34,6 @@ OPTIMIZERS = ("adamw", "muon", "gn", "gn-layerwise")
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import random
-
-    rng = random.Random(0)
-    words = "the a quick brown fox jumps over lazy dog cat sat on mat while birds sing in green trees".split()
-    lines = [" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(1200)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

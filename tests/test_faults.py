@@ -25,16 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    words = "the a quick brown fox jumps over lazy dog cat sat on mat while birds sing in green trees".split()
-    lines = [" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(1200)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 def gn_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     """A tiny GN run (the stepper with the most state: θ, θ̂, inner Muon/AdamW state, schedule)."""
     return ["train", "--data", str(corpus), "--preset", "tiny", "--tokenizer", "bytes", "--optimizer", "gn",

@@ -16,7 +16,7 @@ from gnopt.cli import main
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory, gutenberg_dir: Path) -> Path:
+def prose(tmp_path_factory: pytest.TempPathFactory, gutenberg_dir: Path) -> Path:
     """400 KB of train text and 60 KB of held-out books from gutenberg-fiction."""
     d = tmp_path_factory.mktemp("gt")
     for name, size in (("train.txt", 400_000), ("valid.txt", 60_000)):
@@ -25,20 +25,20 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, gutenberg_dir: Path) -> Pat
     return d
 
 
-def _train(corpus: Path, out: Path, *args: str) -> dict:
-    argv = ["train", "--data", str(corpus), "--preset", "tiny", "--tokenizer", "bytes", "--micro-batch-size",
+def _train(prose: Path, out: Path, *args: str) -> dict:
+    argv = ["train", "--data", str(prose), "--preset", "tiny", "--tokenizer", "bytes", "--micro-batch-size",
             "16", "--eval-tokens", "8192", "--threads", "1", "--quiet", "--out", str(out), *args]
     assert main(argv) == 0
     return json.loads((out / "summary.json").read_text())
 
 
-def test_gn_reaches_target_in_fewer_steps_than_tuned_adamw(corpus: Path, tmp_path: Path) -> None:
+def test_gn_reaches_target_in_fewer_steps_than_tuned_adamw(prose: Path, tmp_path: Path) -> None:
     """Same data, same batch (4096 tokens), same budget: AdamW at three learning rates vs GN at one."""
     common = ["--steps", "20", "--batch-tokens", "4096", "--eval-every", "2", "--target-loss", "3.45"]
-    gn = _train(corpus, tmp_path / "gn", "--optimizer", "gn", "--lr", "0.03", "--adam-lr", "3e-3", *common)
+    gn = _train(prose, tmp_path / "gn", "--optimizer", "gn", "--lr", "0.03", "--adam-lr", "3e-3", *common)
     assert gn["steps_to_target"] is not None and gn["steps_to_target"] <= 12, gn["steps_to_target"]
     for lr in ("3e-3", "1e-2", "3e-2"):
-        adamw = _train(corpus, tmp_path / f"adamw{lr}", "--optimizer", "adamw", "--lr", lr, *common)
+        adamw = _train(prose, tmp_path / f"adamw{lr}", "--optimizer", "adamw", "--lr", lr, *common)
         reached = adamw["steps_to_target"]
         assert reached is None or reached > gn["steps_to_target"], (lr, reached)
 
@@ -57,8 +57,8 @@ def test_gn_reaches_target_in_fewer_steps_than_tuned_adamw(corpus: Path, tmp_pat
     ],
     ids=["prox-linear", "layerwise", "inner-adamw", "inner-soap", "inner-shampoo", "cg", "options"],
 )
-def test_gn_variants_train_end_to_end(corpus: Path, tmp_path: Path, variant: list[str]) -> None:
-    s = _train(corpus, tmp_path / "run", "--steps", "3", "--batch-tokens", "1024", "--eval-every", "3",
+def test_gn_variants_train_end_to_end(prose: Path, tmp_path: Path, variant: list[str]) -> None:
+    s = _train(prose, tmp_path / "run", "--steps", "3", "--batch-tokens", "1024", "--eval-every", "3",
                *variant)
     assert s["final_val_loss"] < s["initial_val_loss"], s
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -76,11 +76,11 @@ def test_gn_variants_train_end_to_end(corpus: Path, tmp_path: Path, variant: lis
 
 
 def test_inner_steps_sets_the_gn_batch_and_must_agree_with_batch_tokens(
-    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    prose: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    s = _train(corpus, tmp_path / "n3", "--optimizer", "gn", "--inner-steps", "3", "--steps", "1")
+    s = _train(prose, tmp_path / "n3", "--optimizer", "gn", "--inner-steps", "3", "--steps", "1")
     assert s["config"]["batch_tokens"] == 3 * 16 * 32 and s["train_tokens"] == 3 * 16 * 32
-    argv = ["train", "--data", str(corpus), "--preset", "tiny", "--optimizer", "gn", "--inner-steps", "3",
+    argv = ["train", "--data", str(prose), "--preset", "tiny", "--optimizer", "gn", "--inner-steps", "3",
             "--batch-tokens", "1000", "--out", str(tmp_path / "bad")]
     assert main(argv) == 2
     assert "disagree" in capsys.readouterr().err

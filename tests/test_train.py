@@ -21,19 +21,6 @@ from gnopt.model import build_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """~60 KB of repetitive but learnable text (plenty for tiny: 32-token windows, 4 per micro-batch)."""
-    import random
-
-    rng = random.Random(0)
-    words = "the a quick brown fox jumps over lazy dog cat sat on mat while birds sing in green trees".split()
-    lines = [" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(1200)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 def tiny_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return [
         "train", "--data", str(corpus), "--preset", "tiny", "--tokenizer", "bytes", "--optimizer", "muon",
