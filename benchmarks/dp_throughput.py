@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS: dict[str, tuple[int, int]] = {  # name -> (processes, threads per process)
     "1 proc x 1 thread": (1, 1),
     "1 proc x 2 threads": (1, 2),
@@ -112,9 +112,7 @@ def main() -> None:
     md = render(result)
     print(md)
     if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "dp_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "dp_throughput.md").write_text(md)
+        write_results("dp_throughput", result, md)
 
 
 def render(r: dict[str, Any]) -> str:

@@ -24,26 +24,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
+from _common import status_mb, write_results
 
 from gnopt.model import build_model
 from gnopt.optim import GaussNewton, LineSearch, MuonAdamW, SoftmaxCrossEntropy
 from gnopt.steppers import lm_loss
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NS = (1, 2, 4, 8)
 MICRO_BATCHES = (8, 16, 32)
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def batches(vocab: int, b: int, t: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -59,7 +50,7 @@ def child(variant: str, n: int, micro: int, args: argparse.Namespace) -> dict[st
     model = build_model(args.preset, vocab_size=args.vocab)
     it = batches(args.vocab, micro, model.config.seq_len, 0)
     first = next(it)
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     t0 = time.perf_counter()
     if variant == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -77,7 +68,7 @@ def child(variant: str, n: int, micro: int, args: argparse.Namespace) -> dict[st
             gn.step(it)
         steps = args.outer_steps
     seconds = (time.perf_counter() - t0) / steps
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     return {"base_rss_mb": base, "peak_rss_mb": peak, "working_mb": peak - base, "seconds_per_step": seconds}
 
 
@@ -132,9 +123,7 @@ def main() -> None:
     md = render(result)
     print(md)
     if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "gn_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "gn_memory.md").write_text(md)
+        write_results("gn_memory", result, md)
 
 
 def render(r: dict[str, Any]) -> str:

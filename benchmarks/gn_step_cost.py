@@ -27,10 +27,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from _common import status_mb, write_results
 
 from gnopt.model import build_model
 from gnopt.optim import (
@@ -42,8 +42,6 @@ from gnopt.optim import (
     linearized_pass,
 )
 from gnopt.steppers import lm_loss
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def batches(vocab: int, b: int, t: int, seed: int):
@@ -132,30 +130,13 @@ def time_all(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mb() -> float:
-    return _status_mb("VmRSS")
-
-
-def peak_rss_mb() -> float:
-    """VmHWM: this process's peak RSS (unlike ru_maxrss it is not inherited across fork + exec)."""
-    return _status_mb("VmHWM")
-
-
 def memory_child(variant: str, args: argparse.Namespace) -> dict[str, float]:
     """Run in a subprocess: RSS before the first step and the peak after a few steps."""
     torch.manual_seed(0)
     model = build_model(args.preset, vocab_size=args.vocab)
     it = batches(args.vocab, args.micro_batch, model.config.seq_len, 0)
     b = next(it)
-    base = rss_mb()
+    base = status_mb("VmRSS")
     if variant == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for _ in range(3):
@@ -164,7 +145,7 @@ def memory_child(variant: str, args: argparse.Namespace) -> dict[str, float]:
         gn = make_gn(model, variant, args.inner_steps, args.ls_range)
         for _ in range(2):
             gn.step(it)
-    peak = peak_rss_mb()
+    peak = status_mb("VmHWM")
     return {"base_rss_mb": base, "peak_rss_mb": peak, "working_mb": peak - base}
 
 
@@ -208,9 +189,7 @@ def main() -> None:
     md = render(result)
     print(md)
     if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "gn_step_cost.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "gn_step_cost.md").write_text(md)
+        write_results("gn_step_cost", result, md)
 
 
 def render(r: dict[str, Any]) -> str:

@@ -16,20 +16,17 @@ Token ids are random (cost does not depend on the text). Results: ``benchmarks/r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from _common import write_results
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gnopt.model import build_model
 from gnopt.optim.routing import default_is_hidden_matrix, split_hidden_matrices
 from gnopt.steppers import lm_loss
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -109,9 +106,7 @@ def main() -> None:
     md = render(result)
     print(md)
     if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "throughput.md").write_text(md)
+        write_results("throughput", result, md)
 
 
 def render(r: dict[str, Any]) -> str:

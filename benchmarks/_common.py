@@ -1,0 +1,26 @@
+"""Helpers shared by the benchmark scripts: process memory readings and the results files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def status_mb(key: str) -> float:
+    """A memory line of ``/proc/self/status`` in MB: ``VmRSS`` (now) or ``VmHWM`` (this process's peak;
+    unlike ``ru_maxrss`` it is not inherited across fork + exec)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_results(name: str, result: dict[str, Any], markdown: str) -> None:
+    """``benchmarks/results/<name>.json`` and ``.md`` (the table the README and closing notes quote)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
