@@ -221,18 +221,24 @@ def config_from_mapping(values: Mapping[str, Any], *, base: TrainConfig | None =
     return cfg
 
 
+def read_toml_file(path: str | os.PathLike[str], what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file; a missing, non-UTF-8 or invalid file is a :class:`GnoptError` naming ``what``."""
+    p = Path(path)
+    if not p.is_file():
+        raise GnoptError(f"{what} {str(p)!r} does not exist.")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise GnoptError(f"{what} {str(p)!r} is not valid TOML: {exc}.") from None
+    except UnicodeDecodeError:
+        raise GnoptError(f"{what} {str(p)!r} is not UTF-8 text.") from None
+
+
 def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a flat TOML config file (``key = value`` lines; a ``[train]`` table is accepted too)."""
     p = Path(path)
-    if not p.is_file():
-        raise GnoptError(f"config file {str(p)!r} does not exist.")
-    try:
-        with p.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise GnoptError(f"config file {str(p)!r} is not valid TOML: {exc}.") from None
-    except UnicodeDecodeError:
-        raise GnoptError(f"config file {str(p)!r} is not UTF-8 text.") from None
+    raw = read_toml_file(p)
     if set(raw) == {"train"} and isinstance(raw["train"], dict):
         raw = raw["train"]
     for key, value in raw.items():

@@ -59,7 +59,6 @@ import dataclasses
 import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +71,7 @@ from gnopt.config import (
     OPTIMIZERS,
     TrainConfig,
     config_from_mapping,
+    read_toml_file,
     resolve,
 )
 from gnopt.errors import GnoptError
@@ -346,16 +346,7 @@ def _resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
 def load_spec(path: str | os.PathLike[str]) -> StudySpec:
     """Read and validate an experiment file; raises :class:`GnoptError` naming the first problem."""
     p = Path(path)
-    if not p.is_file():
-        raise GnoptError(f"experiment file {str(p)!r} does not exist.")
-    try:
-        with p.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise GnoptError(f"experiment file {str(p)!r} is not valid TOML: {exc}.") from None
-    except UnicodeDecodeError:
-        raise GnoptError(f"experiment file {str(p)!r} is not UTF-8 text.") from None
-    return spec_from_mapping(raw, path=p)
+    return spec_from_mapping(read_toml_file(p, "experiment file"), path=p)
 
 
 def spec_from_mapping(raw: Mapping[str, Any], *, path: str | os.PathLike[str]) -> StudySpec:
