@@ -15,7 +15,15 @@ import pytest
 from gnopt.cli import main
 from gnopt.config import OPTIMIZERS, TrainConfig, fingerprint, resolve
 from gnopt.errors import GnoptError
-from gnopt.study.analysis import RUN_COLUMNS, RunCurve, fit_critical_batch, loss_at, to_target
+from gnopt.study.analysis import (
+    RUN_COLUMNS,
+    RunCurve,
+    fit_critical_batch,
+    gn_diagnostics,
+    loss_at,
+    read_curve,
+    to_target,
+)
 from gnopt.study.runner import run_action
 from gnopt.study.spec import load_spec, plan_runs, warmup_run
 from gnopt.train import train
@@ -160,6 +168,31 @@ def test_shipped_experiments_are_valid() -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
+def test_gn_diagnostics_from_metrics(tmp_path: Path) -> None:
+    grid = [1.0, 0.5, 0.25]
+
+    def gn(step: int, alpha: float | None, q: float, rho: float | None, reset: bool = False) -> str:
+        return json.dumps({"step": step, "tokens": 8 * step, "passes": 10.0, "mode": "gn", "alphas": grid,
+                           "alpha": alpha, "rejected": alpha is None, "q_start": q, "rho": rho,
+                           "reset_inner": reset})
+
+    lines = [json.dumps({"type": "eval", "step": 0, "tokens": 0, "val_loss": 3.0}),
+             gn(1, 1.0, 0.0, 0.9), gn(2, 0.25, 0.2, 1.1, reset=True), gn(3, 0.25, 0.0, None),
+             gn(4, None, 0.5, None), "{torn"]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    curve = read_curve(tmp_path)
+    assert len(curve.gn) == 4 and curve.last_step == 4
+    d = gn_diagnostics(curve)
+    assert d is not None and d.steps == 4 and d.rejected == 1 and d.resets == 1
+    assert d.alpha_median == 0.25 and d.share_alpha_one == 0.25 and d.share_at_floor == 0.5
+    assert d.q_start_max == 0.5 and d.q_start_median == pytest.approx(0.1) and d.share_q_start_positive == 0.5
+    assert d.rho_median == pytest.approx(1.0) and d.passes_per_step == 10.0
+    # a baseline run has no GN records
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 8, "loss": 2.0, "passes": 1}),
+                                            encoding="utf-8")
+    assert gn_diagnostics(read_curve(tmp_path)) is None
+
+
 def test_fit_recovers_s_min_and_b_noise() -> None:
     batches = np.array([1024, 2048, 4096, 8192, 16384, 32768, 65536], dtype=float)
     steps = 40.0 * (1 + 6000.0 / batches)
@@ -229,8 +262,14 @@ def _outputs_are_well_formed(out: Path, n_runs: int, methods: list[str]) -> None
     runs_json = json.loads((out / "runs.json").read_text())
     assert isinstance(runs_json, list) and len(runs_json) == n_runs and set(runs_json[0]) == set(RUN_COLUMNS)
     study = json.loads((out / "study.json").read_text())
-    keys = {"experiment", "target_loss", "target_source", "warmup", "best", "critical_batch", "runs"}
+    keys = {"experiment", "target_loss", "target_source", "warmup", "best", "critical_batch", "runs",
+            "gn_diagnostics"}
     assert keys <= set(study)
+    gn_methods = {m for m in methods if m.startswith("gn")}
+    assert {d["method"] for d in study["gn_diagnostics"]} == gn_methods
+    assert len(study["gn_diagnostics"]) == 2 * len(gn_methods)
+    for d in study["gn_diagnostics"]:
+        assert d["steps"] > 0 and 0 < d["alpha_median"] <= 1 and d["passes_per_step"] > 0
     assert study["target_source"] == "auto" and 0 < study["target_loss"] < 10
     assert set(study["critical_batch"]) == set(methods) and len(study["best"]) == len(methods) * 2
     # the best baseline reaches the auto target within the budget at the largest batch, by construction
@@ -241,7 +280,7 @@ def _outputs_are_well_formed(out: Path, n_runs: int, methods: list[str]) -> None
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, png
     report = (out / "report.md").read_text(encoding="utf-8")
     for heading in ("## Protocol", "## Best setting per method and batch size", "## At the largest batch",
-                    "## Critical batch size", "## All runs"):
+                    "## Critical batch size", "## Gauss-Newton diagnostics (selected runs)", "## All runs"):
         assert heading in report, heading
     for m in methods:
         assert f"| {m} | 512 |" in report and f"| {m} | 2K |" in report
@@ -285,6 +324,14 @@ def test_smoke_study_end_to_end_and_resume(tmp_path: Path, capsys: pytest.Captur
     (out / "report.md").unlink()
     _study(capsys, str(exp), "--out", str(out), "--report-only", "--quiet")
     assert (out / "report.md").is_file()
+    # a re-analysis at another target goes to its own folder; the study's own report stays as it was
+    before = (out / "report.md").read_bytes()
+    _study(capsys, str(exp), "--out", str(out), "--report-only", "--target-loss", "9", "--quiet")
+    other = (out / "target-9" / "report.md").read_text(encoding="utf-8")
+    assert "9.0000 (given on the command line)" in other and (out / "report.md").read_bytes() == before
+    assert json.loads((out / "target-9" / "study.json").read_text())["target_loss"] == 9.0
+    assert main(["study", str(exp), "--out", str(out), "--target-loss", "3"]) == 2
+    assert "only apply to --report-only" in capsys.readouterr().err
 
     # a changed experiment never mixes with the old results
     changed = tmp_path / "changed.toml"

@@ -66,6 +66,67 @@ class RunCurve:
     passes: dict[int, float] = field(default_factory=dict)  # step -> cumulative passes
     wall: dict[int, float] = field(default_factory=dict)  # step -> cumulative wall seconds
     last_step: int = 0
+    gn: list[GNStep] = field(default_factory=list)  # Gauss-Newton steps only (empty for baselines)
+
+
+@dataclass(frozen=True)
+class GNStep:
+    """What one Gauss-Newton outer step logged about its line search and its quadratic model."""
+
+    alpha: float | None  # chosen step size (None: rejected)
+    floor: float | None  # smallest positive candidate of the line-search grid
+    q_start: float | None  # model value minus loss at θ_t where the inner loop began (> 0: drift)
+    rho: float | None  # actual / predicted decrease
+    reset: bool
+    passes: float
+
+
+@dataclass
+class GNDiagnostics:
+    """Summary of a GN run's :class:`GNStep` records (the evidence for line-search drift)."""
+
+    steps: int
+    alpha_median: float | None
+    share_alpha_one: float  # steps with α = 1
+    share_at_floor: float  # steps with α at the smallest positive candidate
+    q_start_median: float | None
+    q_start_max: float | None
+    share_q_start_positive: float  # inner loops that began above the model's value at θ_t
+    rho_median: float | None
+    resets: int
+    rejected: int
+    passes_per_step: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    return float(np.median(np.asarray(xs, dtype=float))) if xs else None
+
+
+def gn_diagnostics(curve: RunCurve) -> GNDiagnostics | None:
+    """Line-search and model statistics over a GN run (None for a run without GN steps)."""
+    g = curve.gn
+    if not g:
+        return None
+    alphas = [s.alpha for s in g if s.alpha is not None]
+    qs = [s.q_start for s in g if s.q_start is not None]
+    n = len(g)
+    return GNDiagnostics(
+        steps=n,
+        alpha_median=_median(alphas),
+        share_alpha_one=sum(1 for a in alphas if abs(a - 1.0) < 1e-9) / n,
+        share_at_floor=sum(1 for s in g if s.alpha is not None and s.floor is not None
+                           and abs(s.alpha - s.floor) < 1e-9 and s.floor < 1.0) / n,
+        q_start_median=_median(qs),
+        q_start_max=max(qs) if qs else None,
+        share_q_start_positive=sum(1 for q in qs if q > 1e-6) / n,
+        rho_median=_median([s.rho for s in g if s.rho is not None]),
+        resets=sum(s.reset for s in g),
+        rejected=sum(1 for s in g if s.alpha is None),
+        passes_per_step=sum(s.passes for s in g) / n,
+    )
 
 
 def _read_json(path: Path) -> Any:
@@ -100,8 +161,22 @@ def read_curve(run_dir: Path) -> RunCurve:
             if isinstance(rec.get("wall"), (int, float)):
                 curve.wall[step] = float(rec["wall"])
             curve.last_step = max(curve.last_step, step)
+            if rec.get("mode") is not None and "alphas" in rec:
+                curve.gn.append(_gn_step(rec))
     curve.evals.sort()
     return curve
+
+
+def _gn_step(rec: dict[str, Any]) -> GNStep:
+    alphas = [a for a in rec.get("alphas") or [] if isinstance(a, (int, float)) and a > 0]
+    return GNStep(
+        alpha=None if rec.get("rejected") else _finite(rec.get("alpha")),
+        floor=min(alphas) if alphas else None,
+        q_start=_finite(rec.get("q_start")),
+        rho=_finite(rec.get("rho")),
+        reset=bool(rec.get("reset_inner")),
+        passes=float(rec.get("passes") or 0.0),
+    )
 
 
 def loss_at(curve: RunCurve, step: float) -> float | None:
@@ -376,6 +451,11 @@ class StudyResults:
                 for (m, b), r in sorted(self.best.items(), key=lambda kv: (self._order(kv[0][0]), kv[0][1]))
             ],
             "critical_batch": {m: (f.to_dict() if f is not None else None) for m, f in self.fits.items()},
+            "gn_diagnostics": [
+                {"method": m, "batch_tokens": b, **d.to_dict()}
+                for (m, b), r in sorted(self.best.items(), key=lambda kv: (self._order(kv[0][0]), kv[0][1]))
+                if (d := gn_diagnostics(r.curve)) is not None
+            ],
             "runs": [r.row() for r in self.runs],
         }
 

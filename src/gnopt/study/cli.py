@@ -6,6 +6,7 @@ This module only imports argparse at import time, so building the ``gnopt`` pars
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ def add_study_parser(sub: Any) -> argparse.ArgumentParser:
                    "and the report covers every finished run")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: analyse the finished runs and write the outputs")
+    p.add_argument("--target-loss", type=float, metavar="LOSS",
+                   help="with --report-only: analyse at this target instead of the experiment's; the outputs "
+                   "go to <study folder>/target-LOSS unless --report-dir says otherwise")
+    p.add_argument("--report-dir", metavar="DIR",
+                   help="with --report-only: write the outputs here instead of the study folder")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate; run nothing")
     p.add_argument("--quiet", action="store_true",
                    help="print only the study's progress lines, not every run's evaluations")
@@ -51,6 +57,11 @@ def cmd_study(ns: argparse.Namespace) -> int:
             spec.method(name)  # unknown name -> GnoptError listing the methods
     if ns.report_only and ns.dry_run:
         raise GnoptError("--report-only and --dry-run contradict each other; pass only one.")
+    if (ns.target_loss is not None or ns.report_dir) and not ns.report_only:
+        raise GnoptError("--target-loss and --report-dir only apply to --report-only (a re-analysis of "
+                         "finished runs); add --report-only.")
+    if ns.target_loss is not None and not (math.isfinite(ns.target_loss) and ns.target_loss > 0):
+        raise GnoptError(f"--target-loss must be a positive finite loss, got {ns.target_loss}")
     out = Path(ns.out) if ns.out else default_out(spec)
     options = StudyOptions(out=out, threads=ns.threads, jobs=ns.jobs, only=only, quiet=ns.quiet,
                            plots=not ns.no_plots)
@@ -60,7 +71,11 @@ def cmd_study(ns: argparse.Namespace) -> int:
         return 0
     if ns.report_only:
         runner.actions()  # refuse folders that hold other configurations
-        runner.report()
+        report_dir = Path(ns.report_dir) if ns.report_dir else (
+            out / f"target-{ns.target_loss:g}" if ns.target_loss is not None else None)
+        if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
+            raise GnoptError(f"--report-dir {report_dir} exists and is not a folder")
+        runner.report(target_loss=ns.target_loss, report_dir=report_dir)
         return 0
     runner.run()
     return 0

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from gnopt.checkpoint import atomic_write_bytes, atomic_write_text
 from gnopt.errors import GnoptError
-from gnopt.study.analysis import RUN_COLUMNS, RunResult, StudyResults
+from gnopt.study.analysis import RUN_COLUMNS, RunResult, StudyResults, gn_diagnostics
 
 RUNS_CSV = "runs.csv"
 RUNS_JSON = "runs.json"
@@ -87,6 +88,19 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out) + "\n"
+
+
+def _display_path(path: Any) -> str:
+    """A path relative to the working directory when that is short (reports get committed), else as is."""
+    try:
+        rel = os.path.relpath(str(path))
+    except ValueError:  # another drive (Windows)
+        return str(path)
+    return rel if rel.count("..") <= 2 else str(path)
+
+
+#: Base settings the protocol table shows in rows of their own.
+_SHOWN_BASE = ("data", "preset", "tokenizer", "micro_batch_size", "eval_tokens", "seed")
 
 
 def _setting(r: RunResult) -> str:
@@ -232,13 +246,14 @@ def render_report(results: StudyResults) -> str:
     if spec.description:
         lines.append(spec.description.strip() + "\n")
     done = sum(r.done for r in results.runs)
-    lines.append(f"Experiment file: `{spec.path}`. Runs finished: {done} of {len(results.runs)}.\n")
+    lines.append(f"Experiment file: `{_display_path(spec.path)}`. "
+                 f"Runs finished: {done} of {len(results.runs)}.\n")
 
     # --- protocol -----------------------------------------------------------------------------------
     lines.append("## Protocol\n")
     any_run = next((r for r in results.runs), None)
     cfg_rows = [
-        ["data", str(base.get("data", "embedded default corpus"))],
+        ["data", _display_path(base["data"]) if base.get("data") else "embedded default corpus"],
         ["preset / tokenizer",
          f"{base.get('preset', 'cpu-small')} / {base.get('tokenizer', 'the preset default')}"],
         ["micro-batch", f"{base.get('micro_batch_size', 16)} sequences"
@@ -250,6 +265,9 @@ def render_report(results: StudyResults) -> str:
             else f"{spec.evals_per_run} evaluations per run")],
         ["seed", str(base.get("seed", 0))],
     ]
+    others = {k: v for k, v in base.items() if k not in _SHOWN_BASE}
+    if others:
+        cfg_rows.append(["other shared settings", ", ".join(f"{k} = {v}" for k, v in others.items())])
     w = results.warmup
     if w is not None:
         cfg_rows.append(["shared warm start", f"{spec.warmup.get('optimizer', 'adamw')} lr {w.lr:g}, "
@@ -343,6 +361,31 @@ def render_report(results: StudyResults) -> str:
                      "exact (2 points)" if fit.n_points == 2 else ""])
     lines.append(_table(["method", "S_min (steps)", "B_crit (tokens)", "points", "rmse(log S)", "note"],
                         rows))
+
+    # --- GN diagnostics --------------------------------------------------------------------------------
+    drows = []
+    for m in spec.methods:
+        for b in spec.batch_tokens:
+            r = results.best.get((m.name, b))
+            d = gn_diagnostics(r.curve) if r is not None else None
+            if d is None:
+                continue
+            drows.append([m.name, _tokens(b), str(d.steps), _fmt(d.alpha_median), f"{d.share_alpha_one:.0%}",
+                          f"{d.share_at_floor:.0%}", _fmt(d.q_start_median), _fmt(d.q_start_max),
+                          f"{d.share_q_start_positive:.0%}", _fmt(d.rho_median), str(d.resets),
+                          str(d.rejected), f"{d.passes_per_step:.1f}"])
+    if drows:
+        lines.append("\n## Gauss-Newton diagnostics (selected runs)\n")
+        lines.append(
+            "Over all outer steps of each selected GN run: the line search's chosen α (median; share of "
+            "steps with α = 1 and with α at the smallest candidate of the grid), `q_start` = the quadratic "
+            "model's value minus the loss at θ_t where the warm-started inner loop began (> 0: the "
+            "carried-over iterate was already worse than θ_t under the model, the drift the pilot found), "
+            "ρ = actual / predicted decrease, inner-iterate resets, rejected steps, and "
+            "forward+backward-equivalent passes per outer step.\n")
+        lines.append(_table(["method", "batch", "steps", "α median", "α = 1", "α at floor", "q_start median",
+                             "q_start max", "q_start > 0", "ρ median", "resets", "rejected", "passes/step"],
+                            drows))
 
     # --- plots -----------------------------------------------------------------------------------------
     lines.append("\n## Plots\n")

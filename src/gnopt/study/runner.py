@@ -371,14 +371,16 @@ class StudyRunner:
                 raise
 
     # ---------------------------------------------------------------- outputs
-    def report(self, *, target_loss: float | None = None) -> StudyResults:
-        """Analyse every planned run of the experiment (not only ``--only``) and write the outputs."""
+    def report(self, *, target_loss: float | None = None, report_dir: Path | None = None) -> StudyResults:
+        """Analyse every planned run of the experiment (not only ``--only``) and write the outputs into
+        ``report_dir`` (default: the study folder)."""
         results = analyse(self.spec, self.out, self.all_runs, self.warmup, target_loss=target_loss)
-        written = write_outputs(results, self.out, plots=self.opt.plots)
+        report_dir = self.out if report_dir is None else report_dir
+        written = write_outputs(results, report_dir, plots=self.opt.plots)
         done = sum(r.done for r in results.runs)
         tl = f"{results.target_loss:.4f}" if results.target_loss is not None else "undetermined"
         self.say(f"report: {done}/{len(results.runs)} runs finished, target loss {tl} "
-                 f"({results.target_source}); wrote {', '.join(p.name for p in written)} in {self.out}")
+                 f"({results.target_source}); wrote {', '.join(p.name for p in written)} in {report_dir}")
         return results
 
 
