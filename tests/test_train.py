@@ -192,3 +192,14 @@ def test_readme_main_command_runs_at_smoke_size(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["preset"] == "cpu-small" and summary["optimizer"] == "gn"
     assert summary["final_val_loss"] < summary["initial_val_loss"]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/results/cpu.md", "docs/results/cpu/report.md",
+                                 "docs/architecture.md"])
+def test_relative_links_in_the_docs_point_at_files(doc: str) -> None:
+    """Every relative markdown link or image (results pages, plots, experiment files) exists in the repo."""
+    path = ROOT / doc
+    links = re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8"))
+    relative = [link.split("#")[0] for link in links if "://" not in link and not link.startswith("#")]
+    missing = [link for link in relative if link and not (path.parent / link).exists()]
+    assert not missing, f"{doc} links to missing files: {missing}"
