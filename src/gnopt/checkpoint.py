@@ -17,6 +17,7 @@ temporary file and renaming it, so a test can kill the process in the middle of 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -88,6 +89,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Any,
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Atomically replace ``path`` with ``text`` (UTF-8)."""
     return atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in ``path``, or None when it is missing, unreadable or not (yet) valid JSON.
+
+    For the small run files written by :func:`atomic_write_text` (``config.json``, ``summary.json``):
+    callers treat None as "no such record".
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:

@@ -55,6 +55,7 @@ from gnopt.checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_text,
     load_checkpoint,
+    read_json,
     remove_stale_temp_files,
     rng_state,
     save_checkpoint,
@@ -174,13 +175,6 @@ def _eval_context(stepper: Stepper) -> contextlib.AbstractContextManager[Any]:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
 def inspect_out_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """Decide, *before any work*, whether this run may use ``out``; return the checkpoint to resume from.
 
@@ -213,7 +207,7 @@ def inspect_out_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: boo
         return state
     present = [name for name in RUN_FILES if (out / name).exists()]
     if present and not overwrite:
-        old = _read_json(out / CONFIG_NAME)
+        old = read_json(out / CONFIG_NAME)
         old_cfg = old.get("config") if isinstance(old, dict) else None
         if isinstance(old_cfg, dict):
             diff = fingerprint_diff(old_cfg, fingerprint_fields(cfg))
@@ -472,7 +466,7 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
         logging.getLogger("gnopt").setLevel(logging.WARNING)  # rank 0 reports progress
     ckpt = inspect_out_dir(out, cfg, resume=resume, overwrite=overwrite)
     if ckpt is not None and int(ckpt["counters"]["step"]) >= cfg.steps:
-        summary = _read_json(out / SUMMARY_NAME)
+        summary = read_json(out / SUMMARY_NAME)
         if isinstance(summary, dict):
             if main:
                 log.warning("the run in %s is already complete (%d steps); nothing to do.", out, cfg.steps)

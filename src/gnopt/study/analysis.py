@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from gnopt.checkpoint import read_json
 from gnopt.config import BASELINE_OPTIMIZERS
 from gnopt.study.spec import RunSpec, StudySpec
 
@@ -127,13 +128,6 @@ def gn_diagnostics(curve: RunCurve) -> GNDiagnostics | None:
         rejected=sum(1 for s in g if s.alpha is None),
         passes_per_step=sum(s.passes for s in g) / n,
     )
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
 
 
 def read_curve(run_dir: Path) -> RunCurve:
@@ -271,8 +265,8 @@ def read_run(run: RunSpec, study_dir: Path) -> RunResult:
     """The results of ``run`` as far as its folder holds them (:func:`analyse` fills the target fields)."""
     run_dir = study_dir / run.rel
     curve = read_curve(run_dir)
-    summary = _read_json(run_dir / "summary.json")
-    config = _read_json(run_dir / "config.json")
+    summary = read_json(run_dir / "summary.json")
+    config = read_json(run_dir / "config.json")
     same = isinstance(config, dict) and isinstance(summary, dict) and (
         summary.get("fingerprint") == config.get("fingerprint"))
     if isinstance(summary, dict) and summary.get("completed") and same:

@@ -37,6 +37,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from gnopt.checkpoint import read_json
 from gnopt.config import fingerprint, fingerprint_diff, fingerprint_fields
 from gnopt.errors import GnoptError
 from gnopt.study.analysis import StudyResults, analyse
@@ -59,20 +60,13 @@ Say = Callable[[str], None]
 # ------------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
 def run_action(run: RunSpec) -> str:
     """What the study must do with ``run``: ``"skip"`` (finished), ``"resume"``, ``"restart"`` or ``"start"``.
 
     Raises :class:`GnoptError` when the folder holds a run with another configuration.
     """
     out = Path(run.config.out or "")
-    cfg_json = _read_json(out / "config.json")
+    cfg_json = read_json(out / "config.json")
     if not (out / "config.json").exists():
         if (out / "checkpoint.pt").exists() or (out / "summary.json").exists():
             raise GnoptError(f"{out} holds run files but no config.json; move it away or delete it.")
@@ -87,7 +81,7 @@ def run_action(run: RunSpec) -> str:
             "experiment file changed since it ran. Use another --out for the new study, or delete "
             f"{out} to redo the run."
         )
-    summary = _read_json(out / "summary.json")
+    summary = read_json(out / "summary.json")
     if (isinstance(summary, dict) and summary.get("completed")
             and summary.get("fingerprint") == fingerprint(run.config)):
         return "skip"
@@ -226,7 +220,7 @@ class StudyRunner:
     def _seed_costs(self, actions: Sequence[tuple[RunSpec, str]]) -> None:
         for run, action in actions:
             if action == "skip":
-                s = _read_json(Path(run.config.out or "") / "summary.json")
+                s = read_json(Path(run.config.out or "") / "summary.json")
                 if isinstance(s, dict) and isinstance(s.get("wall_seconds"), (int, float)):
                     self.cost.add(run.method, run.optimizer, float(s["wall_seconds"]), int(s.get("steps", 0)),
                                   run.batch_tokens)
