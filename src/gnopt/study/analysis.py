@@ -431,6 +431,12 @@ class StudyResults:
     best: dict[tuple[str, int], RunResult]
     fits: dict[str, CriticalBatchFit | None]
     warmup: RunResult | None
+    #: line-search / model statistics of the selected GN runs (baselines have none)
+    diagnostics: dict[tuple[str, int], GNDiagnostics] = field(default_factory=dict)
+
+    def _in_order(self, d: dict[tuple[str, int], Any]) -> list[tuple[tuple[str, int], Any]]:
+        """Items keyed by (method, batch) in the experiment's method order, then by batch."""
+        return sorted(d.items(), key=lambda kv: (self._order(kv[0][0]), kv[0][1]))
 
     def to_dict(self) -> dict[str, Any]:
         spec = self.spec
@@ -442,14 +448,11 @@ class StudyResults:
             "best": [
                 {"method": m, "batch_tokens": b, **{k: v for k, v in r.row().items()
                                                      if k not in ("method", "batch_tokens")}}
-                for (m, b), r in sorted(self.best.items(), key=lambda kv: (self._order(kv[0][0]), kv[0][1]))
+                for (m, b), r in self._in_order(self.best)
             ],
             "critical_batch": {m: (f.to_dict() if f is not None else None) for m, f in self.fits.items()},
-            "gn_diagnostics": [
-                {"method": m, "batch_tokens": b, **d.to_dict()}
-                for (m, b), r in sorted(self.best.items(), key=lambda kv: (self._order(kv[0][0]), kv[0][1]))
-                if (d := gn_diagnostics(r.curve)) is not None
-            ],
+            "gn_diagnostics": [{"method": m, "batch_tokens": b, **d.to_dict()}
+                               for (m, b), d in self._in_order(self.diagnostics)],
             "runs": [r.row() for r in self.runs],
         }
 
@@ -482,6 +485,7 @@ def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: R
         pts = [(b, best[(m.name, b)].steps_to_target_interp) for b in spec.batch_tokens
                if (m.name, b) in best and best[(m.name, b)].steps_to_target_interp is not None]
         fits[m.name] = fit_critical_batch([p[0] for p in pts], [float(p[1]) for p in pts])  # type: ignore[arg-type]
+    diagnostics = {key: d for key, r in best.items() if (d := gn_diagnostics(r.curve)) is not None}
     warm = read_run(warmup, study_dir) if warmup is not None else None
     return StudyResults(spec=spec, target_loss=target, target_source=source, runs=results, best=best,
-                        fits=fits, warmup=warm)
+                        fits=fits, warmup=warm, diagnostics=diagnostics)

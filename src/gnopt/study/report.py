@@ -18,7 +18,7 @@ import numpy as np
 
 from gnopt.checkpoint import atomic_write_bytes, atomic_write_text
 from gnopt.errors import GnoptError
-from gnopt.study.analysis import RUN_COLUMNS, RunResult, StudyResults, gn_diagnostics
+from gnopt.study.analysis import RUN_COLUMNS, RunResult, StudyResults
 
 RUNS_CSV = "runs.csv"
 RUNS_JSON = "runs.json"
@@ -366,8 +366,7 @@ def render_report(results: StudyResults) -> str:
     drows = []
     for m in spec.methods:
         for b in spec.batch_tokens:
-            r = results.best.get((m.name, b))
-            d = gn_diagnostics(r.curve) if r is not None else None
+            d = results.diagnostics.get((m.name, b))
             if d is None:
                 continue
             drows.append([m.name, _tokens(b), str(d.steps), _fmt(d.alpha_median), f"{d.share_alpha_one:.0%}",
