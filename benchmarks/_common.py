@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,14 @@ def status_mb(key: str) -> float:
     return float("nan")
 
 
-def write_results(name: str, result: dict[str, Any], markdown: str) -> None:
-    """``benchmarks/results/<name>.json`` and ``.md`` (the table the README and closing notes quote)."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+def publish(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str], *,
+            write: bool = True) -> str:
+    """Render ``result`` as markdown and print it; with ``write``, also save it as
+    ``benchmarks/results/<name>.json`` and ``.md`` (the table the README and closing notes quote)."""
+    markdown = render(result)
+    print(markdown)
+    if write:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"{name}.md").write_text(markdown)
+    return markdown

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import write_results
+from _common import publish
 
 LAYOUTS: dict[str, tuple[int, int]] = {  # name -> (processes, threads per process)
     "1 proc x 1 thread": (1, 1),
@@ -109,10 +109,7 @@ def main() -> None:
         "runs": runs,
         "seconds": time.perf_counter() - t0,
     }
-    md = render(result)
-    print(md)
-    if not args.no_write:
-        write_results("dp_throughput", result, md)
+    publish("dp_throughput", result, render, write=not args.no_write)
 
 
 def render(r: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from _common import status_mb, write_results
+from _common import publish, status_mb
 
 from gnopt.model import build_model
 from gnopt.optim import GaussNewton, LineSearch, MuonAdamW, SoftmaxCrossEntropy
@@ -120,10 +120,7 @@ def main() -> None:
         "adamw": adamw,
         "seconds": time.perf_counter() - t0,
     }
-    md = render(result)
-    print(md)
-    if not args.no_write:
-        write_results("gn_memory", result, md)
+    publish("gn_memory", result, render, write=not args.no_write)
 
 
 def render(r: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 import torch
-from _common import status_mb, write_results
+from _common import publish, status_mb
 
 from gnopt.model import build_model
 from gnopt.optim import (
@@ -186,10 +186,7 @@ def main() -> None:
         "memory_ratio_working": {v: m["working_mb"] / base["working_mb"] for v, m in memory.items()},
         "memory_ratio_total": {v: m["peak_rss_mb"] / base["peak_rss_mb"] for v, m in memory.items()},
     }
-    md = render(result)
-    print(md)
-    if not args.no_write:
-        write_results("gn_step_cost", result, md)
+    publish("gn_step_cost", result, render, write=not args.no_write)
 
 
 def render(r: dict[str, Any]) -> str:

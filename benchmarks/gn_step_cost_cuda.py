@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 import torch
-from _common import write_results
+from _common import publish
 from gn_step_cost import adamw_step, batches, make_gn, products_step
 
 from gnopt.model import build_model
@@ -111,10 +111,7 @@ def main() -> int:
         "outer_vs_n_adamw": {v: res[v]["seconds"] / (n * unit) for v in VARIANTS},
         "memory_ratio_working": {v: res[v]["working_mb"] / res["adamw"]["working_mb"] for v in res},
     }
-    md = render(result)
-    print(md)
-    if not args.no_write:
-        write_results("gn_step_cost_cuda", result, md)
+    publish("gn_step_cost_cuda", result, render, write=not args.no_write)
     return 0
 
 

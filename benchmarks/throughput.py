@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import torch
-from _common import write_results
+from _common import publish
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gnopt.model import build_model
@@ -103,10 +103,7 @@ def main() -> None:
             "explicit": med["fwd_bwd_explicit"] / med["fwd_bwd_fused"],
         },
     }
-    md = render(result)
-    print(md)
-    if not args.no_write:
-        write_results("throughput", result, md)
+    publish("throughput", result, render, write=not args.no_write)
 
 
 def render(r: dict[str, Any]) -> str:
