@@ -68,10 +68,11 @@ def test_gn_variants_train_end_to_end(prose: Path, tmp_path: Path, variant: list
     n = 1024 // micro_tokens
     for rec in steps:
         assert rec["train_tokens"] == n * micro_tokens
-        assert rec["ls_tokens"] == n * micro_tokens  # fresh line-search batches, counted separately
+        # fresh line-search batches, counted separately: the model search's ⌈N/8⌉ by default
+        assert rec["ls_micro_batches"] == 1 and rec["ls_tokens"] == micro_tokens
         assert rec["alpha"] is None or 0.0 <= rec["alpha"] <= 1.0
         assert rec["passes"] > n  # more than n forward+backward equivalents: JVPs and line search counted
-    assert s["train_tokens"] == 3 * n * micro_tokens and s["ls_tokens"] == 3 * n * micro_tokens
+    assert s["train_tokens"] == 3 * n * micro_tokens and s["ls_tokens"] == 3 * micro_tokens
     assert s["tokens"] == s["train_tokens"] + s["ls_tokens"]
 
 

@@ -50,6 +50,7 @@ GN_SCHEDULES: tuple[str, ...] = (
     "constant",
 )
 LS_SOURCES: tuple[str, ...] = ("fresh", "inner")
+LS_KINDS: tuple[str, ...] = ("grid", "model")
 
 #: Peak learning rates used when ``lr`` / ``adam_lr`` are not given: ``(lr, adam_lr)``. ``lr`` is the
 #: learning rate of the optimizer's main group (for muon / shampoo / GN: the hidden 2-D matrices), and
@@ -127,12 +128,15 @@ class TrainConfig:
     inner_steps: int | None = None  # GN's N; None = batch_tokens / micro-batch tokens (else they must agree)
     inner_optimizer: str = "muon"
     gn_schedule: str = "constant_with_inner_cosine"
+    ls_kind: str = "model"  # "grid" = the paper's search (ls_range step sizes on N fresh micro-batches)
     ls_range: int = 5
     ls_zero: bool = False
     ls_source: str = "fresh"
-    ls_batches: int | None = None  # None = N, the number of inner steps
+    ls_batches: int | None = None  # None = N (grid) or ceil(ls_fraction × N) (model)
+    ls_fraction: float = 0.125
     reset_below: float | None = None
     warm_start: bool = True
+    warm_scale: bool = True
     damping: float = 0.0
     prox: float = 0.0
     ema_decay: float | None = None
@@ -302,6 +306,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _choice("inner_optimizer", cfg.inner_optimizer, INNER_OPTIMIZERS, "inner optimizer")
     _choice("gn_schedule", cfg.gn_schedule, GN_SCHEDULES, "GN schedule")
     _choice("ls_source", cfg.ls_source, LS_SOURCES, "line-search source")
+    _choice("ls_kind", cfg.ls_kind, LS_KINDS, "line-search kind")
     if cfg.tokenizer is not None:
         _choice("tokenizer", cfg.tokenizer, TOKENIZERS)
 
@@ -386,8 +391,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise GnoptError(f"warmup_steps must lie in [0, steps={r.steps}], got {r.warmup_steps}.")
 
     # Gauss-Newton knobs: validated for every optimizer so a typo in a shared config file shows early.
-    if r.ls_batches is None:
-        r.ls_batches = r.batch_tokens // micro_tokens
+    if not (math.isfinite(r.ls_fraction) and 0.0 < r.ls_fraction <= 1.0):
+        raise GnoptError(f"ls_fraction must lie in (0, 1], got {r.ls_fraction!r}.")
+    if r.ls_batches is None:  # as LineSearch.batches_for: N for the grid, ⌈fraction·N⌉ for the model
+        n = r.batch_tokens // micro_tokens
+        r.ls_batches = n if r.ls_kind == "grid" else max(1, math.ceil(r.ls_fraction * n - 1e-9))
     _in_range("reset_below", r.reset_below, 0.0, 1.0)
     _positive("damping", r.damping, allow_zero=True)
     _positive("prox", r.prox, allow_zero=True)

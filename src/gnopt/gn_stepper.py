@@ -68,6 +68,7 @@ def build_gauss_newton(cfg: TrainConfig, model: nn.Module) -> GaussNewton:
         min_ratio=cfg.min_lr_ratio,
     )
     line_search = LineSearch(
+        kind=cfg.ls_kind,
         ls_range=cfg.ls_range,
         include_zero=cfg.ls_zero,
         source=cfg.ls_source,
@@ -85,6 +86,7 @@ def build_gauss_newton(cfg: TrainConfig, model: nn.Module) -> GaussNewton:
         line_search=line_search,
         schedule=schedule,
         warm_start=cfg.warm_start,
+        warm_scale=cfg.warm_scale,
         damping=cfg.damping,
         prox=cfg.prox,
         ema_decay=cfg.ema_decay,

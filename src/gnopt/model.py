@@ -18,7 +18,7 @@ dual tensors inside ``sdpa_kernel([SDPBackend.MATH])``) and calls it functionall
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -275,6 +275,16 @@ class LLaMA(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin)
         return self.lm_head(self.norm(x))
+
+    def forward_with_tangent(
+        self, params: Mapping[str, Tensor], idx: Tensor, tangent: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Logits for ``idx`` at the parameters ``params`` (a graph to those that require grad) and their
+        tangent ``J Δ`` for ``tangent`` = Δ, in one primal pass: the fast path of
+        :func:`gnopt.optim.linearize.forward_with_graph_and_tangent` (see :mod:`gnopt.model_tangent`)."""
+        from gnopt.model_tangent import llama_forward_with_tangent
+
+        return llama_forward_with_tangent(self, params, idx, tangent)
 
     def block_partition(self) -> list[list[str]]:
         """The paper's layerwise blocks as lists of parameter names.

@@ -8,12 +8,18 @@ One outer step t (the paper's Algorithm, as its code runs it; ../shared/design/g
     for i = 1 … N, on a fresh micro-batch B_i:
         for each block b (Jacobi: every block linearized at θ_t, the others frozen):
             Δ = θ̂_b − θ_t,b ;  z₀ = f(θ_t; B_i) ;  u = J_b Δ
+            if i = 1 and warm_scale:   Δ ← s Δ with s = argmin over [0, 1] of the model along Δ
+                                       (s = −gᵀu / uᵀHu clipped: the carried iterate is never worse than θ_t)
             gn:          grad = J_bᵀ (g_z + H_z u)        (gradient of the GN quadratic model)
             prox_linear: grad = J_bᵀ ∇L(z₀ + u)           (gradient of the loss of the linearized model)
             grad += (λ + μ) Δ ;  clip ;  θ̂_b ← inner_optimizer_b.step(grad)
     d = θ̂ − θ_t
-    α* = argmin over α ∈ {(1/√2)^k} of L(θ_t + α d) on N fresh micro-batches (finite values only)
-    θ_{t+1} = θ_t + α* d          (no finite candidate: θ_{t+1} = θ_t, the step is rejected)
+    line search ("grid", the paper's): α* = argmin over α ∈ {(1/√2)^k} of L(θ_t + α d) on N fresh
+        micro-batches (finite values only)
+    line search ("model"): on K ≤ N fresh micro-batches, one JVP gives L(θ_t), gᵀJd and (Jd)ᵀH(Jd);
+        α_q = −gᵀJd / (Jd)ᵀH(Jd) clipped to [α_min, 1]; α* = the first of α_q, α_q/2, … whose true loss is
+        finite and below L(θ_t), else 0 (θ̂ restarts)
+    θ_{t+1} = θ_t + α* d          (no finite loss at all: θ_{t+1} = θ_t, the step is rejected)
 
 With the :class:`~gnopt.optim.inner.CG` solver the inner loop is replaced by conjugate gradients on
 (G + λI) d = −g over N fixed micro-batches (per block for layerwise GN).
@@ -38,8 +44,16 @@ from torch import Tensor, nn
 
 from gnopt.errors import GnoptError
 from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain
-from gnopt.optim.line_search import LineSearch, select
-from gnopt.optim.linearize import call, forward_with_graph, jvp, linearized_pass, pullback
+from gnopt.optim.line_search import LineSearch, first_decrease, model_alpha, select
+from gnopt.optim.linearize import (
+    call,
+    forward_with_graph,
+    forward_with_graph_and_tangent,
+    has_tangent_forward,
+    jvp,
+    linearized_pass,
+    pullback,
+)
 from gnopt.optim.losses import LocalLoss, OutputLoss
 from gnopt.optim.partition import Partition
 from gnopt.optim.schedules import InnerSchedule
@@ -61,7 +75,9 @@ class GNStepRecord:
     ``q_start`` / ``q_end`` are the model's value minus the loss at θ_t (the model decrease, summed over
     blocks) at the first and last inner step: a warm-started inner iterate that is already worse than θ_t
     under the model shows up as ``q_start > 0``. ``q_trace`` holds the same quantity at the inner steps
-    ``q_trace_steps`` (at most five: first, last and every ⌊N/4⌋-th).
+    ``q_trace_steps`` (at most five: first, last and every ⌊N/4⌋-th). With ``warm_scale`` the carried
+    iterate is first scaled by ``warm_scales`` (one factor per block): ``q_carried`` is the model value of
+    the carried iterate before that scaling, ``q_start`` the value the inner loop starts from.
     """
 
     step: int
@@ -77,6 +93,9 @@ class GNStepRecord:
     rho: float | None = None
     q_start: float | None = None
     q_end: float | None = None
+    q_carried: float | None = None
+    warm_scales: list[float] = field(default_factory=list)
+    ls_kind: str = "grid"
     q_trace: list[float] = field(default_factory=list)
     q_trace_steps: list[int] = field(default_factory=list)
     inner_grad_norm_first: float | None = None
@@ -143,6 +162,10 @@ class GaussNewton:
         schedule: inner learning-rate multiplier ``(t, i) -> float``, e.g. an
             :class:`~gnopt.optim.schedules.InnerSchedule`; default constant 1.
         warm_start: keep θ̂ and the inner optimizer state across outer steps (paper default).
+        warm_scale: at the first inner step of an outer step, scale the carried iterate Δ by the model's
+            minimizer along it, s = clip(−gᵀJΔ / (JΔ)ᵀHJΔ, 0, 1), on that micro-batch (free: the JVP is
+            computed anyway), so the inner loop never starts worse than θ_t under the model. Without it
+            (the paper) a warm start whose carried iterate the model rates worse than θ_t can drift.
         damping: Levenberg-Marquardt λ: minimizes the model + λ‖Δ‖²/2 (CG solves (G + λI) d = −g).
         adapt_damping: adjust λ from ρ = actual/predicted decrease (×2/3 if ρ > 3/4, ×3/2 if ρ < 1/4).
         prox: proximal weight μ: adds μ‖θ̂ − θ_t‖²/2 to the inner objective (fixed).
@@ -167,6 +190,7 @@ class GaussNewton:
         line_search: LineSearch | None = None,
         schedule: Callable[[int, int], float] | None = None,
         warm_start: bool = True,
+        warm_scale: bool = False,
         damping: float = 0.0,
         adapt_damping: bool = False,
         prox: float = 0.0,
@@ -197,6 +221,7 @@ class GaussNewton:
             raise GnoptError("adapt_damping needs the line search's model_decrease=True (it uses ρ)")
         self.schedule = schedule or InnerSchedule(kind="constant")
         self.warm_start = warm_start
+        self.warm_scale = warm_scale
         self.damping = float(damping)
         self.adapt_damping = adapt_damping
         self.prox = float(prox)
@@ -218,6 +243,8 @@ class GaussNewton:
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self._blocks = [_Block(label, names) for label, names in zip(part.labels, part.blocks, strict=True)]
         self._names = [n for blk in self._blocks for n in blk.names]
+        # Full GN on a model that computes JΔ beside its primal pass: one primal forward per inner step.
+        self._fused_tangent = len(self._blocks) == 1 and has_tangent_forward(model)
         for blk in self._blocks:
             self._reset_block(blk, fresh_optimizer=True)
         self._t = 0
@@ -228,7 +255,7 @@ class GaussNewton:
         """One outer step: N inner micro-batches, then the line search (N more by default)."""
         theta = self._theta()
         rec = GNStepRecord(step=self._t, loss=float("nan"), mode=self.mode, alpha=None, rejected=False,
-                           alphas=[], ls_losses=[], damping=self.damping)
+                           alphas=[], ls_losses=[], damping=self.damping, ls_kind=self.line_search.kind)
         t0 = time.perf_counter()
         inner_batches = None
         if self._keep_batches():
@@ -247,7 +274,7 @@ class GaussNewton:
             assert inner_batches is not None
             ls_batches = inner_batches
         else:
-            n_ls = self.line_search.num_batches or self.inner_steps
+            n_ls = self.line_search.batches_for(self.inner_steps)
             ls_batches = [self._next(batches) for _ in range(n_ls)]
             rec.ls_micro_batches = n_ls
             rec.ls_tokens = sum(self.loss.count(y) for _, y in ls_batches)
@@ -282,7 +309,15 @@ class GaussNewton:
                 rec.lr_factor = factor  # the multiplier the inner loop starts from
             ts = time.perf_counter()
             # One primal forward with a reverse graph, shared by every block: all are linearized at θ_t.
-            z, leaves = forward_with_graph(self.model, theta, x, self._names)
+            # Full GN on a model with a one-pass tangent forward gets u = JΔ from that same pass.
+            u: Tensor | None = None
+            if self._fused_tangent and not self._blocks[0].at_origin:
+                blk0 = self._blocks[0]
+                delta0 = {n: blk0.theta_hat[n].detach() - theta[n] for n in blk0.names}
+                z, leaves, u = forward_with_graph_and_tangent(self.model, theta, x, self._names, delta0)
+                rec.passes += _TANGENT
+            else:
+                z, leaves = forward_with_graph(self.model, theta, x, self._names)
             loc = self.loss.local(z.detach(), y)
             rec.passes += _FWD
             (loss0,) = self._scalars(loc.value)
@@ -292,17 +327,20 @@ class GaussNewton:
                 tb = time.perf_counter()
                 last = k == len(self._blocks) - 1
                 q_minus_loss0, gnorm = self._inner_step(
-                    blk, theta, x, y, z, leaves, loc, loss0, factor, rec, trace=i in q_sums, retain=not last
+                    blk, theta, x, y, z, leaves, loc, loss0, factor, rec, trace=i in q_sums, retain=not last,
+                    first=i == 0, u=u,
                 )
                 block_seconds[k] += time.perf_counter() - tb
                 if q_minus_loss0 is not None and i in q_sums:
                     q_sums[i] += q_minus_loss0
                 norms.append(gnorm)
-            del z, leaves, loc
+            del z, leaves, loc, u
         rec.loss = sum(losses) / len(losses)
         rec.q_trace = [q_sums[i] for i in traced]
         rec.q_trace_steps = traced
         rec.q_start, rec.q_end = rec.q_trace[0], rec.q_trace[-1]
+        if rec.q_carried is None:  # nothing was scaled: the loop starts where the iterate was carried to
+            rec.q_carried = rec.q_start
         finite = [g for g in norms if math.isfinite(g)]
         rec.inner_grad_norm_first = norms[0]
         rec.inner_grad_norm_last = norms[-1]
@@ -325,9 +363,12 @@ class GaussNewton:
         *,
         trace: bool,
         retain: bool,
+        first: bool = False,
+        u: Tensor | None = None,
     ) -> tuple[float | None, float]:
         """One inner step of one block on the micro-batch whose forward graph is ``z`` (``loc`` = L at z₀).
 
+        ``u`` is JΔ when the shared forward already computed it (full GN, one-pass tangent forward).
         Returns (model value − L(θ_t) if ``trace`` or prox-linear, else None; the inner gradient norm).
         """
         delta = None if blk.at_origin else {n: blk.theta_hat[n].detach() - theta[n] for n in blk.names}
@@ -336,8 +377,11 @@ class GaussNewton:
             r = loc.grad
             model_value = loss0
         else:
-            _, u = jvp(self.model, theta, x, delta)
-            rec.passes += _FWD + _TANGENT
+            if u is None:
+                _, u = jvp(self.model, theta, x, delta)
+                rec.passes += _FWD + _TANGENT
+            if first and self.warm_scale:
+                u, delta = self._scale_carried(blk, theta, delta, u, loc, rec)
             if self.mode == "gn":
                 r, g_u, u_h_u = loc.gn_cotangent(u, terms=trace)
                 if g_u is not None and u_h_u is not None:
@@ -371,6 +415,31 @@ class GaussNewton:
         blk.optimizer.zero_grad(set_to_none=True)
         blk.at_origin = False
         return q_minus_loss0, gnorm
+
+    @torch.no_grad()
+    def _scale_carried(
+        self, blk: _Block, theta: Dict, delta: Dict, u: Tensor, loc: LocalLoss, rec: GNStepRecord
+    ) -> tuple[Tensor, Dict]:
+        """Scale the carried iterate Δ (and u = JΔ) by the model's minimizer along it over [0, 1].
+
+        The model along sΔ is L + s·gᵀu + ½s²·(uᵀHu + (λ+μ)‖Δ‖²), so s = clip(−slope / curvature, 0, 1)
+        (:func:`~gnopt.optim.line_search.model_alpha`): s = 1 keeps a carried iterate the model rates as a
+        descent, s = 0 puts θ̂ back at θ_t (the inner optimizer keeps its state).
+        """
+        g_u, u_h_u = loc.directional(u)
+        slope, curvature = self._scalars(g_u, u_h_u)
+        reg = self.damping + self.prox
+        if reg:
+            curvature += reg * float(_dot(delta, delta))
+        rec.q_carried = (rec.q_carried or 0.0) + slope + 0.5 * curvature
+        s = model_alpha(slope, curvature, alpha_min=0.0, alpha_max=1.0)
+        rec.warm_scales.append(s)
+        if s == 1.0:
+            return u, delta
+        for n in blk.names:
+            delta[n].mul_(s)
+            blk.theta_hat[n].copy_(theta[n] + delta[n])
+        return u.mul_(s), delta
 
     # ------------------------------------------------------------------ inner solve (CG)
     def _solve_cg(self, theta: Dict, batches: list[Batch], rec: GNStepRecord) -> None:
@@ -443,59 +512,83 @@ class GaussNewton:
     # ------------------------------------------------------------------ line search
     @torch.no_grad()
     def _line_search(self, theta: Dict, d: Dict, batches: list[Batch], rec: GNStepRecord) -> float | None:
+        """α* for the direction ``d`` on the line-search ``batches`` (None: rejected); fills the record."""
         ls = self.line_search
-        alphas = ls.alphas()
-        nb = len(batches)
-        # Sums over the line-search batches, kept as tensors (one sync and one collective at the end):
-        # [L(θ_t), gᵀJd, (Jd)ᵀH(Jd)] and, for prox-linear, the linearized model's loss at every α.
-        model_sums: list[Tensor] = []
-        prox_sums: list[Tensor] = []
-        if ls.model_decrease:
-            model_sums = [torch.zeros((), dtype=torch.float64) for _ in range(3)]
-            prox_sums = [torch.zeros((), dtype=torch.float64) for _ in alphas]
-            for x, y in batches:
-                z0, u = jvp(self.model, theta, x, d)
-                rec.passes += _FWD + _TANGENT
-                loc = self.loss.local(z0, y)
-                for k, v in enumerate((loc.value, *loc.directional(u))):
-                    model_sums[k] += v.detach().double().cpu()
-                if self.mode == "prox_linear":
-                    for k, a in enumerate(alphas):
-                        prox_sums[k] += self.loss.value(z0 + a * u, y).double().cpu()
-                del z0, u, loc
-        loss_sums: list[Tensor] = []
+        prox_alphas = ls.alphas() if ls.kind == "grid" and self.mode == "prox_linear" else []
+        model = self._model_along(theta, d, batches, prox_alphas, rec) if ls.model_decrease else None
+        loss_at_theta = model[0] if model is not None else None
+        if ls.kind == "grid":
+            alphas = ls.alphas()
+            losses = self._losses_along(theta, d, batches, alphas, rec, loss_at_theta)
+            k = select(alphas, losses)
+        else:
+            assert model is not None and loss_at_theta is not None
+            alphas, losses, k = [], [], None
+            if math.isfinite(loss_at_theta):
+                a = model_alpha(model[1], model[2], ls.smallest_alpha())
+                for _ in range(ls.max_backtracks + 1):
+                    alphas.append(a)
+                    losses += self._losses_along(theta, d, batches, [a], rec, loss_at_theta)
+                    if first_decrease(loss_at_theta, losses[-1:]) is not None:
+                        k = len(alphas) - 1
+                        break
+                    a /= 2.0
+                if k is None:  # no confirmed decrease: stay at θ_t (the inner loop restarts, see _finish)
+                    alphas.append(0.0)
+                    losses.append(loss_at_theta)
+                    k = len(alphas) - 1
+        rec.alphas, rec.ls_losses, rec.ls_loss_at_theta = alphas, losses, loss_at_theta
+        if k is None:
+            rec.rejected = True
+            return None
+        alpha = alphas[k]
+        rec.alpha = alpha
+        if model is not None and loss_at_theta is not None:
+            rec.actual_decrease = loss_at_theta - losses[k]
+            if self.mode == "gn" or not prox_alphas:  # the GN quadratic along α d
+                predicted = -(alpha * model[1] + 0.5 * alpha * alpha * model[2])
+            else:  # prox-linear with the grid: the linearized model's own loss at α
+                predicted = loss_at_theta - model[3 + k]
+            rec.predicted_decrease = predicted
+            rec.rho = rec.actual_decrease / predicted if predicted != 0 else None
+        return alpha
+
+    def _model_along(
+        self, theta: Dict, d: Dict, batches: list[Batch], prox_alphas: list[float], rec: GNStepRecord
+    ) -> list[float]:
+        """Means over ``batches`` of [L(θ_t), gᵀJd, (Jd)ᵀH(Jd), L(z₀ + α Jd) for α in ``prox_alphas``].
+
+        One JVP per batch (its primal is the loss at θ_t); one sync and one collective at the end.
+        """
+        sums = [torch.zeros((), dtype=torch.float64) for _ in range(3 + len(prox_alphas))]
+        for x, y in batches:
+            z0, u = jvp(self.model, theta, x, d)
+            rec.passes += _FWD + _TANGENT
+            loc = self.loss.local(z0, y)
+            for k, v in enumerate((loc.value, *loc.directional(u))):
+                sums[k] += v.detach().double().cpu()
+            for k, a in enumerate(prox_alphas):
+                sums[3 + k] += self.loss.value(z0 + a * u, y).double().cpu()
+            del z0, u, loc
+        return [v / len(batches) for v in self._scalars(*sums)]
+
+    def _losses_along(
+        self, theta: Dict, d: Dict, batches: list[Batch], alphas: list[float], rec: GNStepRecord,
+        loss_at_theta: float | None,
+    ) -> list[float]:
+        """Mean true loss over ``batches`` at θ_t + α d for every α (α = 0 reuses ``loss_at_theta``)."""
+        sums: list[Tensor] = []
         for a in alphas:
-            if a == 0.0 and ls.model_decrease:
-                loss_sums.append(model_sums[0].clone())
+            if a == 0.0 and loss_at_theta is not None:
+                sums.append(torch.tensor(loss_at_theta * len(batches), dtype=torch.float64))
                 continue
             params = {n: theta[n] + a * d[n] for n in theta} if a != 0.0 else theta
             total = torch.zeros((), dtype=torch.float64)
             for x, y in batches:
                 total += self.loss.value(call(self.model, params, x), y).double().cpu()
                 rec.passes += _FWD
-            loss_sums.append(total)
-        means = [v / nb for v in self._scalars(*loss_sums, *model_sums, *prox_sums)]
-        losses = means[: len(alphas)]
-        loss_at_theta: float | None = None
-        if ls.model_decrease:
-            loss_at_theta, m1, m2 = means[len(alphas): len(alphas) + 3]
-            prox_model = means[len(alphas) + 3:]
-        rec.alphas, rec.ls_losses, rec.ls_loss_at_theta = alphas, losses, loss_at_theta
-        k = select(alphas, losses)
-        if k is None:
-            rec.rejected = True
-            return None
-        alpha = alphas[k]
-        rec.alpha = alpha
-        if loss_at_theta is not None:
-            rec.actual_decrease = loss_at_theta - losses[k]
-            if self.mode == "gn":
-                predicted = -(alpha * m1 + 0.5 * alpha * alpha * m2)
-            else:
-                predicted = loss_at_theta - prox_model[k]
-            rec.predicted_decrease = predicted
-            rec.rho = rec.actual_decrease / predicted if predicted != 0 else None
-        return alpha
+            sums.append(total)
+        return [v / len(batches) for v in self._scalars(*sums)]
 
     # ------------------------------------------------------------------ after the line search
     @torch.no_grad()
@@ -510,7 +603,9 @@ class GaussNewton:
             for n, p in self._params.items():
                 if n in d:
                     p.add_(d[n], alpha=alpha)
-        if not self.warm_start:
+        if not self.warm_start or (self.line_search.kind == "model" and alpha == 0.0):
+            # (the model search falls back to α = 0 when no candidate decreased the loss: the direction
+            # and the inner state that produced it are dropped)
             for blk in self._blocks:
                 self._reset_block(blk, fresh_optimizer=True)
             rec.reset_inner = True

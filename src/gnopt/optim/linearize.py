@@ -8,6 +8,10 @@ Gauss-Newton never forms J = ∂f/∂θ. It needs, per micro-batch,
   step) — :func:`forward_with_graph` then :func:`pullback`. One graph serves several pullbacks (layerwise
   GN: every block is linearized at the same θ_t, so the blocks share one primal forward).
 
+A model may compute ``J Δ`` beside its own primal pass (``forward_with_tangent``; gnopt's LLaMA does, see
+:mod:`gnopt.model_tangent`): :func:`forward_with_graph_and_tangent` then needs one primal forward instead of
+two, and :func:`jvp` uses it too (``generic=True`` forces forward-mode AD).
+
 :func:`linearized_pass` composes them for one block. Parameters outside the tangent carry no tangent, and
 a pullback stops at the earliest parameter it needs.
 
@@ -111,8 +115,44 @@ def linearized_pass(
     return z0, u, pullback(z, leaves, list(wrt), r)
 
 
-def jvp(model: nn.Module, params: Params, inputs: Any, tangent: Params) -> tuple[Tensor, Tensor]:
-    """``(f(θ; x), J Δ)`` without building any reverse-mode graph."""
+def has_tangent_forward(model: nn.Module) -> bool:
+    """Whether ``model`` has a one-pass ``forward_with_tangent(params, inputs, tangent) -> (z, J Δ)``."""
+    return callable(getattr(model, "forward_with_tangent", None))
+
+
+def forward_with_graph_and_tangent(
+    model: nn.Module, params: Params, inputs: Any, wrt: Sequence[str], tangent: Params
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """``z = f(θ; x)`` with a reverse-mode graph to ``wrt`` (as :func:`forward_with_graph`) and ``u = J Δ``.
+
+    A model that defines ``forward_with_tangent(params, inputs, tangent)`` (gnopt's LLaMA does: see
+    :mod:`gnopt.model_tangent`) gets both from one primal pass; any other model gets :func:`jvp` followed by
+    :func:`forward_with_graph` (two primal passes). ``u`` carries no graph either way.
+    """
+    if not has_tangent_forward(model):
+        u = jvp(model, params, inputs, tangent, generic=True)[1]
+        z, leaves = forward_with_graph(model, params, inputs, wrt)
+        return z, leaves, u
+    leaves = {n: params[n].detach().requires_grad_(True) for n in wrt}
+    merged: dict[str, Tensor] = {n: leaves.get(n, p.detach()) for n, p in params.items()}
+    tan = {n: t.detach().to(merged[n].dtype) for n, t in tangent.items()}
+    with torch.enable_grad():
+        z, u = model.forward_with_tangent(merged, inputs, tan)  # type: ignore[operator]
+    return z, leaves, u.detach()
+
+
+def jvp(
+    model: nn.Module, params: Params, inputs: Any, tangent: Params, *, generic: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``(f(θ; x), J Δ)`` without building any reverse-mode graph.
+
+    Forward-mode AD (dual tensors) for any module; a model with a one-pass ``forward_with_tangent`` (see
+    :func:`forward_with_graph_and_tangent`) uses it instead, unless ``generic=True``.
+    """
+    if not generic and has_tangent_forward(model):
+        with torch.no_grad():
+            z, _, u = forward_with_graph_and_tangent(model, params, inputs, (), tangent)
+        return z.detach(), u
     with torch.no_grad(), fwAD.dual_level(), forward_ad_friendly():
         merged: dict[str, Tensor] = {n: p.detach() for n, p in params.items()}
         for n, t in tangent.items():
