@@ -4,6 +4,7 @@ one folder; a parallel study stopped by a signal or killed."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -13,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -383,14 +384,27 @@ def runs_in_flight(out: Path, min_steps: int = 2) -> list[Path]:
     return found
 
 
-def spawn_study_until_two_runs_fly(exp: Path,
-                                   out: Path) -> tuple[subprocess.Popen[str], list[Path], list[int]]:
+@pytest.fixture
+def started() -> Iterator[list[int]]:
+    """PIDs a test started: any of them still running when it ends (it failed) is killed."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if alive(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def spawn_study_until_two_runs_fly(exp: Path, out: Path,
+                                   started: list[int]) -> tuple[subprocess.Popen[str], list[Path], list[int]]:
     proc = spawn(study_args(exp, out, 2), **{TEST_WRITE_DELAY_ENV: "0.15"})  # >= 0.15 s per step
+    started.append(proc.pid)
     wait_for(lambda: len(runs_in_flight(out)) == 2, proc, "two runs in flight", timeout=180)
     flying = runs_in_flight(out)
     holders = [lock_holder(f) for f in flying]
     assert all(h is not None and h["parent_pid"] == proc.pid for h in holders), holders  # the study's workers
     workers = [int(h["pid"]) for h in holders]  # type: ignore[index]
+    started.extend(workers)
     assert len(set(workers)) == 2 and all(alive(pid) for pid in workers)
     return proc, flying, workers
 
@@ -407,10 +421,11 @@ def checkpointed_where_stopped(folder: Path, reason: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_stops_a_parallel_study_cleanly_and_it_continues_exactly(
-        tmp_path: Path, mini_study: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, mini_study: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+        started: list[int]) -> None:
     exp, reference = mini_study
     out = tmp_path / "study"
-    proc, flying, workers = spawn_study_until_two_runs_fly(exp, out)
+    proc, flying, workers = spawn_study_until_two_runs_fly(exp, out, started)
     # while it runs, nobody else may write its folders
     msg = one_error_line(capsys, study_args(exp, out, 1))
     assert f"the study folder {out} is in use by process {proc.pid} (gnopt study {exp}" in msg, msg
@@ -418,7 +433,7 @@ def test_sigterm_stops_a_parallel_study_cleanly_and_it_continues_exactly(
     (tmp_path / "run.toml").write_text(to_toml(cfg), encoding="utf-8")
     msg = one_error_line(capsys, ["train", "--config", str(tmp_path / "run.toml"), "--resume"])
     in_use = f"the run folder {flying[0]} is in use by process {workers[0]} (a worker of process {proc.pid}, "
-    assert in_use + "gnopt study" in msg, msg
+    assert in_use + "gnopt study" in msg and f"(kill -TERM {proc.pid}: it checkpoints" in msg, msg
     with pytest.raises(GnoptError, match=re.escape(in_use)):
         train_mod.train(cfg, overwrite=True)
     assert proc.poll() is None, "the study ended before the signal"
@@ -446,15 +461,18 @@ def test_sigterm_stops_a_parallel_study_cleanly_and_it_continues_exactly(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_of_a_killed_study_checkpoint_and_exit_by_themselves(
-        tmp_path: Path, mini_study: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, mini_study: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+        started: list[int]) -> None:
     exp, reference = mini_study
     out = tmp_path / "study"
-    proc, flying, workers = spawn_study_until_two_runs_fly(exp, out)
-    kill9(proc)
+    proc, flying, workers = spawn_study_until_two_runs_fly(exp, out, started)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL  # (not communicate(): the workers share its pipes)
     t0 = time.monotonic()
     while [pid for pid in workers if alive(pid)]:
         assert time.monotonic() - t0 < 30, "the workers of a killed study are still running after 30 s"
         time.sleep(0.05)
+    proc.communicate(timeout=30)
     for folder in flying:
         checkpointed_where_stopped(folder, "the study process ended")
     assert lock_holder(out)["pid"] == proc.pid  # type: ignore[index]  # the dead study's stale lock ...

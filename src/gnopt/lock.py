@@ -78,6 +78,15 @@ def describe_holder(info: Any) -> str:
     return text
 
 
+def _stop_hint(info: Any) -> str:
+    """``kill -TERM <pid>`` for the process to stop: a study's worker is stopped through its study."""
+    if isinstance(info, dict):
+        for key in ("parent_pid", "pid"):
+            if isinstance(info.get(key), int):
+                return f"kill -TERM {info[key]}"
+    return "kill -TERM <its PID>"
+
+
 class FolderLock:
     """An exclusive lock on ``folder`` (which must exist) held from :meth:`acquire` to :meth:`release`.
 
@@ -112,7 +121,7 @@ class FolderLock:
                 os.close(fd)
                 raise GnoptError(
                     f"{self.what} {self.folder} is in use by {describe_holder(holder)}: only one process may "
-                    "write it at a time. Wait until that process ends, or stop it (kill -TERM PID: it "
+                    f"write it at a time. Wait until that process ends, or stop it ({_stop_hint(holder)}: it "
                     "checkpoints and exits), then run this again."
                 ) from None
             except BaseException:
