@@ -1,16 +1,20 @@
 """Faults: ``kill -9`` (also in the middle of a checkpoint write) then ``--resume``; SIGTERM / SIGINT;
-non-finite values injected into GN inner steps, the GN line search and baseline gradients."""
+non-finite values injected into GN inner steps, the GN line search and baseline gradients; two writers on
+one folder; a parallel study stopped by a signal or killed."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,9 @@ import torch
 import gnopt.train as train_mod
 from gnopt.checkpoint import TEST_WRITE_DELAY_ENV, load_checkpoint
 from gnopt.cli import main
+from gnopt.config import TrainConfig, to_toml
+from gnopt.errors import GnoptError
+from gnopt.lock import LOCK_NAME, FolderLock
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -251,3 +258,254 @@ def test_baseline_skips_a_nonfinite_gradient_when_asked(corpus: Path, tmp_path: 
     else:  # asked not to skip: the NaN reaches the weights (the documented --no-skip-nonfinite behaviour)
         assert [r["skipped"] for r in steps] == [0, 0, 0]
         assert all_finite(snaps[0]) and not all_finite(snaps[1])
+
+
+# ------------------------------------------------------------------------------------------------------
+# one writer per folder
+# ------------------------------------------------------------------------------------------------------
+
+
+def lock_holder(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / LOCK_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("gnopt: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_folder_lock_is_exclusive_names_its_holder_and_leaves_no_file(tmp_path: Path) -> None:
+    with FolderLock(tmp_path, "the run folder") as held:
+        assert held.held and lock_holder(tmp_path)["pid"] == os.getpid()  # type: ignore[index]
+        in_use = f"the run folder {tmp_path} is in use by process {os.getpid()} "
+        with pytest.raises(GnoptError, match=in_use):
+            FolderLock(tmp_path, "the run folder").acquire()  # flock: exclusive between open files as well
+    assert not (tmp_path / LOCK_NAME).exists()
+    (tmp_path / LOCK_NAME).write_text("{torn")  # left by a process killed while it wrote its details
+    with FolderLock(tmp_path) as held:
+        assert held.held and lock_holder(tmp_path)["pid"] == os.getpid()  # type: ignore[index]
+
+
+def test_two_writers_on_one_run_folder_are_refused_and_a_stale_lock_does_not_block(
+        corpus: Path, tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    proc = spawn(gn_args(corpus, out), **{TEST_WRITE_DELAY_ENV: "0.2"})  # slow steps: time to try
+    wait_for(lambda: load_checkpoint_step(out) >= 1, proc, "a checkpoint")
+    for extra in ("--resume", "--overwrite"):
+        msg = one_error_line(capsys, gn_args(corpus, out, extra))
+        assert f"the run folder {out} is in use by process {proc.pid} (gnopt train --data" in msg, msg
+        assert (out / "checkpoint.pt").is_file() and (out / "config.json").is_file()  # nothing deleted
+    assert proc.poll() is None, "the run ended before the second writers were refused"
+    kill9(proc)
+    assert lock_holder(out)["pid"] == proc.pid  # type: ignore[index]  # a stale lock file ...
+    assert main(gn_args(corpus, out, "--resume")) == 0  # ... blocks nothing: the kernel dropped the lock
+    assert losses(out) == losses(reference) and not (out / LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# a study stopped by a signal, or orphaned: its runs checkpoint, no process is left, it continues exactly
+# ------------------------------------------------------------------------------------------------------
+
+MINI_STUDY = """
+[experiment]
+batch_tokens = [256]
+budget_tokens = 4096              # 16 steps
+target_loss = "auto"
+evals_per_run = 4
+
+[base]
+preset = "tiny"
+tokenizer = "bytes"
+micro_batch_size = 4
+eval_tokens = 512
+ckpt_every = 1
+
+[warmup]
+lr = 3e-3
+
+[methods.adamw]
+lr = [1e-3, 3e-3]
+
+[methods.gn]
+lr = [0.01]
+adam_lr = 1e-3
+"""
+#: runs.csv columns that a continued study must reproduce exactly (not wall times)
+RESULT_COLUMNS = ("method", "lr", "steps_planned", "steps_done", "status", "selected", "target_loss",
+                  "steps_to_target", "steps_to_target_interp", "tokens_to_target", "passes_to_target",
+                  "final_val_loss", "best_val_loss", "initial_val_loss", "tokens", "passes")
+
+
+def study_args(exp: Path, out: Path, jobs: int) -> list[str]:
+    return ["study", str(exp), "--out", str(out), "--jobs", str(jobs), "--threads", "1", "--no-plots",
+            "--quiet"]
+
+
+def results(out: Path) -> list[dict[str, str]]:
+    with (out / "runs.csv").open(encoding="utf-8") as fh:
+        return [{k: row[k] for k in RESULT_COLUMNS} for row in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope="module")
+def mini_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The experiment file and its uninterrupted study (in this process, one run at a time)."""
+    folder = tmp_path_factory.mktemp("mini-study")
+    exp = folder / "mini.toml"
+    exp.write_text(MINI_STUDY, encoding="utf-8")
+    assert main(study_args(exp, folder / "reference", 1)) == 0
+    rows = results(folder / "reference")
+    assert [r["status"] for r in rows] == ["done"] * 3 and any(r["steps_to_target"] for r in rows)
+    return exp, folder / "reference"
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped by its new parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def runs_in_flight(out: Path, min_steps: int = 2) -> list[Path]:
+    """Run folders whose worker holds the lock and has logged ``min_steps`` steps (no summary yet)."""
+    found = []
+    for folder in sorted(out.glob("runs/*/B*/*")):
+        metrics = folder / "metrics.jsonl"
+        if (lock_holder(folder) is not None and not (folder / "summary.json").exists() and metrics.exists()
+                and sum('"type"' not in line for line in metrics.read_text().splitlines()) >= min_steps):
+            found.append(folder)
+    return found
+
+
+@pytest.fixture
+def started() -> Iterator[list[int]]:
+    """PIDs a test started: any of them still running when it ends (it failed) is killed."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if alive(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def spawn_study_until_two_runs_fly(exp: Path, out: Path,
+                                   started: list[int]) -> tuple[subprocess.Popen[str], list[Path], list[int]]:
+    proc = spawn(study_args(exp, out, 2), **{TEST_WRITE_DELAY_ENV: "0.15"})  # >= 0.15 s per step
+    started.append(proc.pid)
+    wait_for(lambda: len(runs_in_flight(out)) == 2, proc, "two runs in flight", timeout=180)
+    flying = runs_in_flight(out)
+    holders = [lock_holder(f) for f in flying]
+    assert all(h is not None and h["parent_pid"] == proc.pid for h in holders), holders  # the study's workers
+    workers = [int(h["pid"]) for h in holders]  # type: ignore[index]
+    started.extend(workers)
+    assert len(set(workers)) == 2 and all(alive(pid) for pid in workers)
+    return proc, flying, workers
+
+
+def checkpointed_where_stopped(folder: Path, reason: str) -> int:
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["completed"] is False and summary["stop_reason"] == reason, summary
+    step = int(summary["steps"])
+    assert 2 <= step < summary["steps_planned"]
+    assert load_checkpoint_step(folder) == step == max(r["step"] for r in read_metrics(folder))
+    assert not (folder / LOCK_NAME).exists()
+    return step
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_a_parallel_study_cleanly_and_it_continues_exactly(
+        tmp_path: Path, mini_study: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+        started: list[int]) -> None:
+    exp, reference = mini_study
+    out = tmp_path / "study"
+    proc, flying, workers = spawn_study_until_two_runs_fly(exp, out, started)
+    # while it runs, nobody else may write its folders
+    msg = one_error_line(capsys, study_args(exp, out, 1))
+    assert f"the study folder {out} is in use by process {proc.pid} (gnopt study {exp}" in msg, msg
+    cfg = TrainConfig(**json.loads((flying[0] / "config.json").read_text())["config"])
+    (tmp_path / "run.toml").write_text(to_toml(cfg), encoding="utf-8")
+    msg = one_error_line(capsys, ["train", "--config", str(tmp_path / "run.toml"), "--resume"])
+    in_use = f"the run folder {flying[0]} is in use by process {workers[0]} (a worker of process {proc.pid}, "
+    assert in_use + "gnopt study" in msg and f"(kill -TERM {proc.pid}: it checkpoints" in msg, msg
+    with pytest.raises(GnoptError, match=re.escape(in_use)):
+        train_mod.train(cfg, overwrite=True)
+    assert proc.poll() is None, "the study ended before the signal"
+
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "SIGTERM received: the runs in flight finish their current step" in stderr
+    assert not [pid for pid in workers if alive(pid)], "a worker outlived the study"
+    steps = [checkpointed_where_stopped(f, "the study was stopped") for f in flying]
+    last = stdout.rstrip().splitlines()
+    assert "study stopped (SIGTERM)" in last[-2] and "1 of 4 runs finished" in last[-2]
+    for step in steps:
+        assert f" at step {step}/16" in last[-2] and f"stopped at step {step}/16" in stdout
+    assert last[-1].startswith(f"[study mini] continue with: gnopt study {exp} --out {out} --jobs 2")
+    assert not (out / LOCK_NAME).exists() and not (out / "runs.csv").exists()
+
+    # running it again continues it (one run at a time here: quicker to start, and --jobs changes no result):
+    # the stopped runs resume, and the results are the uninterrupted study's
+    code = main(study_args(exp, out, 1))
+    printed = capsys.readouterr().out
+    assert code == 0 and printed.count("resume at step") == 2 and "all runs done" in printed
+    assert results(out) == results(reference)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_of_a_killed_study_checkpoint_and_exit_by_themselves(
+        tmp_path: Path, mini_study: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+        started: list[int]) -> None:
+    exp, reference = mini_study
+    out = tmp_path / "study"
+    proc, flying, workers = spawn_study_until_two_runs_fly(exp, out, started)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL  # (not communicate(): the workers share its pipes)
+    t0 = time.monotonic()
+    while [pid for pid in workers if alive(pid)]:
+        assert time.monotonic() - t0 < 30, "the workers of a killed study are still running after 30 s"
+        time.sleep(0.05)
+    proc.communicate(timeout=30)
+    for folder in flying:
+        checkpointed_where_stopped(folder, "the study process ended")
+    assert lock_holder(out)["pid"] == proc.pid  # type: ignore[index]  # the dead study's stale lock ...
+    assert main(study_args(exp, out, 1)) == 0  # ... blocks nothing
+    printed = capsys.readouterr().out
+    assert printed.count("resume at step") == 2
+    assert results(out) == results(reference)
+
+
+def test_a_signal_stops_a_one_process_study_after_a_step(tmp_path: Path, mini_study: tuple[Path, Path],
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    import gnopt.study.runner as runner
+
+    exp, reference = mini_study
+    out = tmp_path / "study"
+    real = runner._execute
+
+    def signalled_in_run_2(cfg: dict[str, Any], action: str, stop: Any = None) -> dict[str, Any]:
+        if cfg["lr"] == 3e-3 and cfg["optimizer"] == "adamw" and "warmup" not in cfg["out"]:
+            os.kill(os.getpid(), signal.SIGHUP)  # e.g. the terminal closed
+        return real(cfg, action, stop)
+
+    monkeypatch.setattr(runner, "_execute", signalled_in_run_2)
+    assert main(study_args(exp, out, 1)) == 0
+    captured = capfd.readouterr()
+    assert "SIGHUP received" in captured.err
+    last = captured.out.rstrip().splitlines()
+    assert "run 2/3 adamw B=256 lr=0.003 stopped at step 1/16 (SIGHUP)" in captured.out
+    assert "study stopped (SIGHUP)" in last[-2] and "2 of 4 runs finished" in last[-2]
+    assert "continue with: " in last[-1] and "all runs done" not in captured.out
+    assert not (out / "runs" / "gn").exists()  # no run started after the signal
+    monkeypatch.undo()
+    assert main(study_args(exp, out, 1)) == 0
+    assert "resume at step 1 adamw B=256 lr=0.003" in capfd.readouterr().out
+    assert results(out) == results(reference)

@@ -23,10 +23,12 @@ process draws the same global micro-batches and keeps its shard of each; the ste
 losses over the processes, evaluation is split over them, and only rank 0 writes files or prints. At each
 checkpoint the ranks check that they hold the same model and optimizer state.
 
-Faults: SIGTERM / SIGINT ask the loop to stop after the current step, write a checkpoint and return (exit 0;
-a second signal interrupts at once). A step that a non-finite value spoils is skipped (baselines) or
-rejected (GN line search), logged, and training goes on. A ``kill -9`` at any moment leaves the last
-complete checkpoint (writes are atomic), from which ``--resume`` continues bitwise.
+Faults: SIGTERM / SIGINT / SIGHUP ask the loop to stop after the current step, write a checkpoint and
+return (exit 0; a second signal interrupts at once). One process writes a run folder at a time: it holds the
+folder's lock (:mod:`gnopt.lock`) while it runs, and a second one is refused with an error naming it. A
+step that a non-finite value spoils is skipped (baselines) or rejected (GN line search), logged, and
+training goes on. A ``kill -9`` at any moment leaves the last complete checkpoint (writes are atomic), from
+which ``--resume`` continues bitwise.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,7 @@ from gnopt.checkpoint import (
 )
 from gnopt.config import TrainConfig, fingerprint, fingerprint_diff, fingerprint_fields, resolve
 from gnopt.errors import GnoptError
+from gnopt.lock import FolderLock
 from gnopt.steppers import Stepper, build_stepper, lm_loss
 
 log = logging.getLogger(__name__)
@@ -359,25 +362,52 @@ def _state_tensors(obj: Any) -> list[Tensor]:
     return []
 
 
+#: The signals that ask a run (or a study) to stop after the current step: ``kill``'s default, Ctrl-C, and
+#: the hang-up of the terminal (or ``kill -HUP``).
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGHUP")) if s is not None
+)
+
+
 class GracefulStop:
-    """SIGTERM / SIGINT handling for the training loop.
+    """SIGTERM / SIGINT / SIGHUP handling for the training loop (and for ``gnopt study``).
 
     The first signal only records itself (and says so on stderr); the loop finishes the step it is in,
     writes a checkpoint and returns. The same signal a second time raises :class:`KeyboardInterrupt` at once
-    (no checkpoint: the last one stays valid); the other signal is ignored after the first, because
+    (no checkpoint: the last one stays valid); another signal is ignored after the first, because
     torchrun answers a Ctrl-C (SIGINT to every process) by sending its workers SIGTERM as well. Handlers
-    are installed only in the main thread and restored on exit.
+    are installed only in the main thread and restored on exit; installing an installed stop again is a
+    no-op (a study hands its stop to the runs it runs in its own process).
+
+    :meth:`request` asks for the same graceful stop without a signal, from any thread (a study's worker
+    process does so when the study stops or dies). ``on_request`` (if set) is called once, with the
+    reason, when the first request or signal arrives (inside the signal handler: keep it short).
     """
 
-    SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS: tuple[signal.Signals, ...] = STOP_SIGNALS
+    MESSAGE = ("finishing the current step, then writing a checkpoint (send it again to stop at once, "
+               "without one).")
 
-    def __init__(self, *, announce: bool = True) -> None:
+    def __init__(self, *, announce: bool = True, message: str = MESSAGE,
+                 on_request: Callable[[str], None] | None = None) -> None:
         self.signal_name: str | None = None
+        self.reason: str | None = None
         self.announce = announce
+        self.message = message
+        self.on_request = on_request
+        self._installed = False
 
     @property
     def requested(self) -> bool:
-        return self.signal_name is not None
+        return self.reason is not None
+
+    def request(self, reason: str) -> None:
+        """Ask for a stop after the current step (the first reason given is kept)."""
+        if self.reason is not None:
+            return
+        self.reason = reason
+        if self.on_request is not None:
+            self.on_request(reason)
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -388,18 +418,21 @@ class GracefulStop:
         self.signal_name = name
         if self.announce:
             # os.write, not print: a handler may interrupt a print to the same stream.
-            os.write(2, (f"gnopt: {self.signal_name} received: finishing the current step, then writing a "
-                         "checkpoint (send it again to stop at once, without one).\n").encode())
+            with contextlib.suppress(OSError):  # e.g. SIGHUP: the terminal is gone
+                os.write(2, f"gnopt: {name} received: {self.message}\n".encode())
+        self.request(name)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[GracefulStop]:
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread() or self._installed:
             yield self
             return
         old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._installed = True
         try:
             yield self
         finally:
+            self._installed = False
             for s, handler in old.items():
                 signal.signal(s, handler)
 
@@ -435,22 +468,30 @@ def resume_command(out: Path) -> str:
     return cmd
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          stop: GracefulStop | None = None) -> dict[str, Any]:
     """Run (or resume) training as configured; returns the summary dict (also in ``summary.json``).
 
     Every check that can fail on user input (config values, output directory, checkpoint compatibility,
-    corpus) runs before anything in the output directory is created, deleted or changed.
+    corpus) runs before anything in the output directory is created, deleted or changed. The writing
+    process holds the run folder's :class:`~gnopt.lock.FolderLock` from before it inspects the folder until
+    it returns, so a second process that wants to write the same folder is refused.
+
+    ``stop``: a :class:`GracefulStop` owned by the caller (``gnopt study``), which then also reports the
+    stop and says how to continue; by default the run handles the signals itself and prints the
+    ``stopped at step N ...; resume with: ...`` line.
 
     Started by torchrun (``WORLD_SIZE`` > 1 in the environment), the process joins the data-parallel group
     for the duration of the run (see :mod:`gnopt.distributed`); if a group already exists it is used as is.
     """
     cfg = resolve(cfg)
     device = distributed.device_for(resolve_device(cfg.device))
-    with distributed.session(cfg.dist_timeout, device):
-        return _train(cfg, device, resume=resume, overwrite=overwrite)
+    with distributed.session(cfg.dist_timeout, device), contextlib.ExitStack() as held:
+        return _train(cfg, device, resume=resume, overwrite=overwrite, stop=stop, held=held)
 
 
-def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: bool) -> dict[str, Any]:
+def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: bool,
+           stop: GracefulStop | None, held: contextlib.ExitStack) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     import gnopt
@@ -464,6 +505,11 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
     distributed.check_divisible(cfg.micro_batch_size)
     if not main:
         logging.getLogger("gnopt").setLevel(logging.WARNING)  # rank 0 reports progress
+    # One writer per run folder: rank 0 (the only writer) locks it before looking inside, so what it reads
+    # cannot change under it. A folder that does not exist yet is locked once created (below).
+    lock = FolderLock(out, "the run folder") if main else None
+    if lock is not None and out.is_dir():
+        held.enter_context(lock)
     ckpt = inspect_out_dir(out, cfg, resume=resume, overwrite=overwrite)
     if ckpt is not None and int(ckpt["counters"]["step"]) >= cfg.steps:
         summary = read_json(out / SUMMARY_NAME)
@@ -520,6 +566,9 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise GnoptError(f"cannot create the output directory {out}: {exc.strerror}.") from None
+        if lock is not None and not lock.held:
+            held.enter_context(lock)
+            inspect_out_dir(out, cfg, resume=False, overwrite=overwrite)  # did another run start here since?
         if overwrite:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
@@ -538,7 +587,8 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
 
     def say(msg: str) -> None:
         if not quiet:
-            bar.write(msg, file=sys.stdout)
+            with contextlib.suppress(OSError):  # the terminal hung up (SIGHUP): the run goes on
+                bar.write(msg, file=sys.stdout)
 
     t_start = time.perf_counter()
 
@@ -584,7 +634,10 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
         f"{cfg.micro_batch_size}x{cfg.seq_len} per step")
     batches: Iterator[tuple[Tensor, Tensor]] = distributed.shard_batches(iter(batcher))
     stopped_early = False
-    stop = GracefulStop(announce=main)
+    stop_reason: str | None = None
+    own_stop = stop is None
+    if stop is None:
+        stop = GracefulStop(announce=main)
     try:
         with stop.installed():
             if run.step == 0:
@@ -634,12 +687,14 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
                 if stop_now:
                     stopped_early = True
                     if signalled:
-                        reason = stop.signal_name or "a signal to another rank"
-                        if main:
+                        stop_reason = stop.reason or "a signal to another rank"
+                        if main and own_stop:
                             bar.clear()
-                            print(f"stopped at step {run.step} ({reason}); checkpoint written; resume with: "
-                                  f"{resume_command(out)}", flush=True)
+                            with contextlib.suppress(OSError):
+                                print(f"stopped at step {run.step} ({stop_reason}); checkpoint written; "
+                                      f"resume with: {resume_command(out)}", flush=True)
                     else:
+                        stop_reason = "--stop-after"
                         say(f"stopping after step {run.step} (--stop-after); continue with --resume.")
                     break
     finally:
@@ -655,6 +710,7 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
         "n_micro": cfg.n_micro,
         "seq_len": cfg.seq_len,
         "completed": not stopped_early,
+        "stop_reason": stop_reason,
         "steps": run.step,
         "steps_planned": cfg.steps,
         "tokens": run.tokens,

@@ -6,6 +6,7 @@ This module only imports argparse at import time, so building the ``gnopt`` pars
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,17 @@ def cmd_study(ns: argparse.Namespace) -> int:
         runner.dry_run()
         return 0
     if ns.report_only:
-        runner.actions()  # refuse folders that hold other configurations
         report_dir = Path(ns.report_dir) if ns.report_dir else (
             out / f"target-{ns.target_loss:g}" if ns.target_loss is not None else None)
-        if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
-            raise GnoptError(f"--report-dir {report_dir} exists and is not a folder")
-        runner.report(target_loss=ns.target_loss, report_dir=report_dir)
+        with contextlib.ExitStack() as held:
+            if report_dir is None and out.is_dir():  # the study's own outputs: not while it writes them
+                from gnopt.lock import FolderLock
+
+                held.enter_context(FolderLock(out, "the study folder"))
+            runner.actions()  # refuse folders that hold other configurations
+            if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
+                raise GnoptError(f"--report-dir {report_dir} exists and is not a folder")
+            runner.report(target_loss=ns.target_loss, report_dir=report_dir)
         return 0
     runner.run()
     return 0

@@ -15,6 +15,20 @@ run with a *different* configuration (the experiment file changed after it ran) 
 error naming the fields that differ, so results are never silently mixed or replaced. ``target_loss`` is
 not part of any run's configuration, so the target may change without invalidating anything.
 
+Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGHUP ask the study to stop. Every run in flight finishes its
+current step and writes a checkpoint (with ``--jobs`` > 1 the study process forwards the request to its
+workers), no new run starts, the study says which runs stopped at which step and the command that
+continues it (the same ``gnopt study`` command), and exits with status 0 once every worker has exited. The
+same signal again stops at once (workers are killed; their last checkpoints stay valid; exit 130). A
+worker never outlives the study: one whose study process died (``kill -9``) notices within
+:data:`WORKER_POLL_S` seconds, stops its run after the current step with a checkpoint and exits (at the
+latest :data:`ORPHAN_GRACE_S` seconds later).
+
+One writer per folder: the study process holds the study folder's lock (:class:`gnopt.lock.FolderLock`)
+while it runs, and every run holds its run folder's, so a second ``gnopt study`` on the same folder, or a
+``gnopt train --resume`` / ``--overwrite`` of one of its runs, is refused with an error naming the process
+that holds it.
+
 Progress: one line per run start and end, with the estimated time left for the whole study (and, with
 ``--jobs`` > 1, whose workers are quiet, a line every minute with the step each run in flight is at). The
 estimate uses the measured seconds per (step × batch token) of each method's finished runs (cost grows
@@ -24,11 +38,17 @@ measured ones and a rough relative-cost prior (:data:`COST_PRIORS`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
+import shlex
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -40,6 +60,7 @@ from typing import Any
 from gnopt.checkpoint import read_json
 from gnopt.config import fingerprint, fingerprint_diff, fingerprint_fields
 from gnopt.errors import GnoptError
+from gnopt.lock import FolderLock
 from gnopt.study.analysis import StudyResults, analyse
 from gnopt.study.report import require_matplotlib, write_outputs
 from gnopt.study.spec import RunSpec, StudySpec, plan_runs, warmup_run
@@ -51,6 +72,11 @@ COST_PRIORS: dict[str, float] = {
     "gn": 6.5, "gn-prox-linear": 6.5, "gn-layerwise": 10.0,
 }
 LOG_NAME = "study.log"
+#: Seconds between a worker's checks whether its study asked it to stop or died.
+WORKER_POLL_S = 0.2
+#: A worker whose study process died exits at the latest this many seconds later, even in the middle of a
+#: step (normally it exits as soon as its current step and checkpoint are done).
+ORPHAN_GRACE_S = 600.0
 
 Say = Callable[[str], None]
 
@@ -153,13 +179,100 @@ def _steps_done(run: RunSpec) -> int:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _execute(cfg_dict: dict[str, Any], action: str) -> dict[str, Any]:
-    """Run one training run (also the entry point of worker processes): returns its summary."""
+def _execute(cfg_dict: dict[str, Any], action: str, stop: Any = None) -> dict[str, Any]:
+    """Run one training run (in the study process, or in a worker): returns its summary."""
     from gnopt.config import TrainConfig
     from gnopt.train import train
 
     cfg = TrainConfig(**cfg_dict)
-    return train(cfg, resume=action == "resume", overwrite=action == "restart")
+    return train(cfg, resume=action == "resume", overwrite=action == "restart", stop=stop)
+
+
+class _Worker:
+    """The study-facing state of a ``--jobs`` worker process (one per process, made by :func:`_worker_init`).
+
+    A thread polls every :data:`WORKER_POLL_S` seconds whether the study asked its workers to stop (a
+    shared event) or died (this process's parent changed): then it asks the run in flight to stop after its
+    current step (it checkpoints and returns), and an orphaned worker exits as soon as no run is in flight.
+    """
+
+    def __init__(self, stop_event: Any, study_pid: int) -> None:
+        self.stop_event = stop_event
+        self.study_pid = study_pid
+        self.lock = threading.Lock()
+        self.current: Any = None  # the GracefulStop of the run in flight
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self.study_pid
+
+    def reason(self) -> str | None:
+        if self.orphaned():
+            return "the study process ended"
+        if self.stop_event.is_set():
+            return "the study was stopped"
+        return None
+
+    def watch(self) -> None:
+        orphaned_at: float | None = None
+        while True:
+            time.sleep(WORKER_POLL_S)
+            reason = self.reason()
+            with self.lock:
+                busy = self.current is not None
+                if busy and reason is not None:
+                    self.current.request(reason)
+            if orphaned_at is None and self.orphaned():
+                orphaned_at = time.monotonic()
+            if orphaned_at is not None and (not busy or time.monotonic() - orphaned_at > ORPHAN_GRACE_S):
+                os._exit(0 if not busy else 1)  # nobody is left to hand a result to
+
+
+_WORKER: _Worker | None = None
+
+
+def _worker_init(stop_event: Any, study_pid: int) -> None:
+    """Initializer of the worker processes of ``--jobs`` (see :class:`_Worker`)."""
+    from gnopt.train import STOP_SIGNALS
+
+    global _WORKER
+    # Between runs the study process alone decides (it forwards a stop through ``stop_event``); during a
+    # run the run's GracefulStop handles a signal sent to the worker itself (e.g. Ctrl-C to the terminal's
+    # process group), and restores this afterwards.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing one (a named semaphore): a worker killed at once (a second
+    # signal to the study) could not release it, and Python's resource tracker would warn. Workers are quiet.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+    _WORKER = _Worker(stop_event, study_pid)
+    threading.Thread(target=_WORKER.watch, name="gnopt-study-watch", daemon=True).start()
+
+
+def _execute_in_worker(cfg_dict: dict[str, Any], action: str) -> dict[str, Any]:
+    """A worker's task: the run, stoppable by the study (``{"started": False}``: the study stopped first)."""
+    from gnopt.train import GracefulStop
+
+    worker = _WORKER
+    assert worker is not None, "_execute_in_worker runs in the workers of StudyRunner._run_parallel"
+    stop = GracefulStop(announce=False)
+    with worker.lock:
+        if worker.reason() is not None:
+            return {"completed": False, "started": False}
+        worker.current = stop
+    try:
+        return _execute(cfg_dict, action, stop)
+    finally:
+        with worker.lock:
+            worker.current = None
+
+
+def study_command() -> str:
+    """The command that continues this study: the ``gnopt study`` command of this process, unchanged."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["study"]:
+        return shlex.join(["gnopt", *argv])
+    return "the same `gnopt study` command"
 
 
 @dataclass
@@ -200,7 +313,8 @@ class StudyRunner:
         if self._say is not None:
             self._say(line)
         else:
-            print(line, flush=True)
+            with contextlib.suppress(OSError):  # the terminal hung up (SIGHUP): study.log still gets it
+                print(line, flush=True)
         if self._log_fh is not None:
             self._log_fh.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
             self._log_fh.flush()
@@ -250,44 +364,85 @@ class StudyRunner:
         return acts
 
     # ---------------------------------------------------------------- the study
-    def run(self) -> StudyResults:
-        """Run (or continue) the study, then write the outputs; returns the analysed results."""
+    def run(self) -> StudyResults | None:
+        """Run (or continue) the study, then write the outputs; returns the analysed results, or None when
+        the study was stopped (SIGTERM / SIGINT / SIGHUP: see the module docstring) before every run was
+        done."""
+        from gnopt.train import GracefulStop
+
         if self.opt.plots:
             require_matplotlib()  # fail now, not after hours of training
-        acts = self.actions()
-        self.out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.spec.path, self.out / "experiment.toml")
-        self._log_fh = (self.out / LOG_NAME).open("a", encoding="utf-8")
-        try:
-            self._seed_costs(acts)
-            n_todo = sum(a != "skip" for _, a in acts)
-            self.say(f"{len(acts)} runs (warm-up + {len(acts) - 1}), {len(acts) - n_todo} already finished, "
-                     f"{n_todo} to do; output {self.out}")
-            warm_action = acts[0][1]
-            if warm_action != "skip":
-                # Same thread count as every run (more threads than free cores is often slower, not faster).
-                warm_threads = self.opt.threads or (1 if self.opt.jobs > 1 else None)
-                rest = [r for r, a in acts[1:] if a != "skip"]
-                if not self._run_one(0, len(acts) - 1, self.warmup, warm_action, rest, warm_threads):
-                    return self.report()
-            pending = [(i + 1, r, a) for i, (r, a) in enumerate(acts[1:]) if a != "skip"]
-            for i, (r, a) in enumerate(acts[1:]):
-                if a == "skip":
-                    self.say(f"run {i + 1}/{len(acts) - 1} {r.label}: finished earlier, skipped")
-            if self.opt.jobs == 1:
-                for k, (idx, r, a) in enumerate(pending):
-                    rest = [p[1] for p in pending[k + 1:]]
-                    if not self._run_one(idx, len(acts) - 1, r, a, rest, self.opt.threads):
-                        break
-            else:
-                self._run_parallel(pending, len(acts) - 1)
-            self.say(f"all runs done in {_duration(time.perf_counter() - self.t0)}; writing the report")
-            return self.report()
-        finally:
-            logging.getLogger("gnopt.data").setLevel(logging.NOTSET)
-            if self._log_fh is not None:
+        stop = GracefulStop(message="the runs in flight finish their current step and write a checkpoint, "
+                            "then the study stops (send it again to stop at once, without checkpoints).")
+        lock = FolderLock(self.out, "the study folder")
+        with stop.installed(), contextlib.ExitStack() as held:
+            if self.out.is_dir():
+                held.enter_context(lock)  # before reading the run folders: nobody may change them meanwhile
+            acts = self.actions()
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not lock.held:
+                held.enter_context(lock)
+                acts = self.actions()  # another study may have started here since
+            shutil.copyfile(self.spec.path, self.out / "experiment.toml")
+            self._log_fh = (self.out / LOG_NAME).open("a", encoding="utf-8")
+            try:
+                return self._run(acts, stop)
+            finally:
+                logging.getLogger("gnopt.data").setLevel(logging.NOTSET)
                 self._log_fh.close()
                 self._log_fh = None
+
+    def _run(self, acts: Sequence[tuple[RunSpec, str]], stop: Any) -> StudyResults | None:
+        self._seed_costs(acts)
+        n = len(acts) - 1
+        n_todo = sum(a != "skip" for _, a in acts)
+        self.say(f"{len(acts)} runs (warm-up + {n}), {len(acts) - n_todo} already finished, "
+                 f"{n_todo} to do; output {self.out}")
+        stopped: list[tuple[int, RunSpec, int]] = []  # (index, run, step it stopped at)
+        finished = len(acts) - n_todo
+        warm_action = acts[0][1]
+        if warm_action != "skip" and not stop.requested:
+            # Same thread count as every run (more threads than free cores is often slower, not faster).
+            warm_threads = self.opt.threads or (1 if self.opt.jobs > 1 else None)
+            rest = [r for r, a in acts[1:] if a != "skip"]
+            summary = self._run_one(0, n, self.warmup, warm_action, rest, warm_threads, stop)
+            if summary.get("completed", True):
+                finished += 1
+            else:
+                stopped.append((0, self.warmup, int(summary.get("steps") or 0)))
+        pending = [(i + 1, r, a) for i, (r, a) in enumerate(acts[1:]) if a != "skip"]
+        for i, (r, a) in enumerate(acts[1:]):
+            if a == "skip":
+                self.say(f"run {i + 1}/{n} {r.label}: finished earlier, skipped")
+        if stopped or stop.requested:
+            pass  # the warm-up stopped: every run starts from it
+        elif self.opt.jobs == 1:
+            for k, (idx, r, a) in enumerate(pending):
+                if stop.requested:
+                    break
+                summary = self._run_one(idx, n, r, a, [p[1] for p in pending[k + 1:]], self.opt.threads, stop)
+                if not summary.get("completed", True):
+                    stopped.append((idx, r, int(summary.get("steps") or 0)))
+                    break
+                finished += 1
+        else:
+            done, stopped = self._run_parallel(pending, n, stop)
+            finished += done
+        if stopped or finished < len(acts):
+            self._say_stopped(stop.reason or "a run was stopped", stopped, finished, len(acts))
+            return None
+        self.say(f"all runs done in {_duration(time.perf_counter() - self.t0)}; writing the report")
+        return self.report()
+
+    def _say_stopped(self, reason: str, stopped: Sequence[tuple[int, RunSpec, int]], finished: int,
+                     total: int) -> None:
+        n = total - 1
+        where = ", ".join(f"run {i}/{n} {r.label} at step {s}/{r.steps}" for i, r, s in stopped)
+        self.say(f"study stopped ({reason}) after {_duration(time.perf_counter() - self.t0)}: "
+                 + (f"{where} (checkpointed); " if stopped else "")
+                 + f"{finished} of {total} runs finished (warm-up included), {total - finished} to do")
+        self.say(f"continue with: {study_command()} (the report is written when every run is done; "
+                 "--report-only writes one of the finished runs now)")
 
     def _start_line(self, idx: int, n: int, run: RunSpec, action: str, rest: Sequence[RunSpec]) -> None:
         verb = {"start": "start", "resume": f"resume at step {_steps_done(run)}",
@@ -308,61 +463,81 @@ class StudyRunner:
                  f"({wall / max(steps, 1):.2f} s/step), final val loss {final_s} "
                  f"| elapsed {_duration(time.perf_counter() - self.t0)}, study ETA {_duration(eta)}")
 
+    def _stopped_line(self, idx: int, n: int, run: RunSpec, summary: dict[str, Any]) -> None:
+        why = summary.get("stop_reason")
+        self.say(f"run {idx}/{n} {run.label} stopped at step {summary.get('steps')}/{run.steps}"
+                 + (f" ({why})" if why else "") + "; checkpoint written")
+
     def _run_one(self, idx: int, n: int, run: RunSpec, action: str, rest: Sequence[RunSpec],
-                 threads: int | None) -> bool:
-        """Run one run in this process; False when it was interrupted (the study stops)."""
+                 threads: int | None, stop: Any) -> dict[str, Any]:
+        """Run one run in this process; returns its summary (``completed`` False: it was stopped)."""
         self._start_line(idx, n, run, action, rest)
-        summary = _execute(self._config(run, threads, self.opt.quiet), action)
+        summary = _execute(self._config(run, threads, self.opt.quiet), action, stop)
         # Every run reads the same corpus: after the first one, "data: cache hit ..." is noise.
         logging.getLogger("gnopt.data").setLevel(logging.WARNING)
-        if not summary.get("completed", True):
-            self.say(f"run {idx}/{n} {run.label} stopped at step {summary.get('steps')} (checkpointed); the "
-                     "study stops here: run the same command again to continue")
-            return False
-        self._end_line(idx, n, run, summary, rest)
-        return True
+        if summary.get("completed", True):
+            self._end_line(idx, n, run, summary, rest)
+        else:
+            self._stopped_line(idx, n, run, summary)
+        return summary
 
-    def _run_parallel(self, pending: Sequence[tuple[int, RunSpec, str]], n: int) -> None:
-        """Run ``pending`` on ``jobs`` worker processes (each with ``threads`` threads, quiet)."""
+    def _run_parallel(self, pending: Sequence[tuple[int, RunSpec, str]], n: int,
+                      stop: Any) -> tuple[int, list[tuple[int, RunSpec, int]]]:
+        """Run ``pending`` on ``jobs`` worker processes (each with ``threads`` threads, quiet); returns the
+        number of runs finished and the runs stopped (index, run, step)."""
         queue = list(pending)
         threads = self.opt.threads or 1
         ctx = get_context("spawn")
+        stop_event = ctx.Event()  # set: every worker stops its run after the current step
+        stop.on_request = lambda reason: stop_event.set()
+        if stop.requested:
+            stop_event.set()
         running: dict[Future[dict[str, Any]], tuple[int, RunSpec]] = {}
-        stop = False
-        with ProcessPoolExecutor(max_workers=self.opt.jobs, mp_context=ctx) as pool:
-            try:
-                while queue or running:
-                    while queue and len(running) < self.opt.jobs and not stop:
-                        idx, r, a = queue.pop(0)
-                        self._start_line(idx, n, r, a, [q[1] for q in queue])
-                        fut = pool.submit(_execute, self._config(r, threads, True), a)
-                        running[fut] = (idx, r)
-                    if not running:
-                        break
-                    done, _ = wait(list(running), timeout=self.opt.progress_every,
-                                   return_when=FIRST_COMPLETED)
-                    if not done:  # the workers are quiet: say where they are
-                        where = "; ".join(f"run {i}/{n} {r.label} at step {_steps_done(r)}/{r.steps}"
-                                          for i, r in running.values())
-                        eta = self.eta([q[1] for q in queue], [v[1] for v in running.values()])
-                        self.say(f"{where} | elapsed {_duration(time.perf_counter() - self.t0)}, study ETA "
-                                 f"{_duration(eta)}")
-                    for fut in done:
-                        idx, r = running.pop(fut)
-                        summary = fut.result()  # a worker's GnoptError / bug surfaces here
-                        if not summary.get("completed", True):
-                            self.say(f"run {idx}/{n} {r.label} stopped at step {summary.get('steps')}; the "
-                                     "study stops after the runs in flight: run it again to continue")
-                            stop = True
-                            continue
-                        self._end_line(idx, n, r, summary, [q[1] for q in queue],
-                                       [v[1] for v in running.values()])
-                    if stop and not running:
-                        break
-            except BaseException:
-                for fut in running:
-                    fut.cancel()
-                raise
+        finished, stopped = 0, []
+        halt = False  # a run stopped by a signal to its worker alone: start no new run
+        pool = ProcessPoolExecutor(max_workers=self.opt.jobs, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(stop_event, os.getpid()))
+        try:
+            while queue or running:
+                while queue and len(running) < self.opt.jobs and not (halt or stop.requested):
+                    idx, r, a = queue.pop(0)
+                    self._start_line(idx, n, r, a, [q[1] for q in queue])
+                    fut = pool.submit(_execute_in_worker, self._config(r, threads, True), a)
+                    running[fut] = (idx, r)
+                if not running:
+                    break
+                done, _ = wait(list(running), timeout=self.opt.progress_every, return_when=FIRST_COMPLETED)
+                if not done:  # the workers are quiet: say where they are
+                    where = "; ".join(f"run {i}/{n} {r.label} at step {_steps_done(r)}/{r.steps}"
+                                      for i, r in running.values())
+                    eta = self.eta([q[1] for q in queue], [v[1] for v in running.values()])
+                    self.say(f"{where} | elapsed {_duration(time.perf_counter() - self.t0)}, study ETA "
+                             f"{_duration(eta)}")
+                for fut in done:
+                    idx, r = running.pop(fut)
+                    summary = fut.result()  # a worker's GnoptError / bug surfaces here
+                    if summary.get("started") is False:
+                        continue  # the stop came before the run began
+                    if not summary.get("completed", True):
+                        self._stopped_line(idx, n, r, summary)
+                        stopped.append((idx, r, int(summary.get("steps") or 0)))
+                        halt = True
+                        continue
+                    finished += 1
+                    self._end_line(idx, n, r, summary, [q[1] for q in queue],
+                                   [v[1] for v in running.values()])
+        except BaseException as exc:
+            stop_event.set()  # the runs in flight checkpoint and stop
+            if isinstance(exc, KeyboardInterrupt):  # stop at once: the last checkpoints stay valid
+                # (ProcessPoolExecutor has no public way to kill its workers before Python 3.14)
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    with contextlib.suppress(OSError):
+                        proc.kill()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            stop.on_request = None
+        return finished, stopped
 
     # ---------------------------------------------------------------- outputs
     def report(self, *, target_loss: float | None = None, report_dir: Path | None = None) -> StudyResults:
@@ -383,7 +558,7 @@ def default_out(spec: StudySpec) -> Path:
     return Path("runs") / f"study-{spec.name}"
 
 
-def run_study(spec: StudySpec, options: StudyOptions, *, say: Say | None = None) -> StudyResults:
+def run_study(spec: StudySpec, options: StudyOptions, *, say: Say | None = None) -> StudyResults | None:
     """Convenience wrapper: ``StudyRunner(spec, options).run()``."""
     return StudyRunner(spec, options, say=say).run()
 
