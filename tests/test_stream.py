@@ -18,7 +18,7 @@ import pytest
 import gnopt.data.stream as stream_mod
 from gnopt.cli import main
 from gnopt.data import prepare
-from gnopt.data.tokenizer import PretrainedTokenizer, load_pretrained
+from gnopt.data.tokenizer import PretrainedTokenizer
 from gnopt.errors import GnoptError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,8 @@ def test_pretrained_tokenizer_file_prepares_and_keys_the_cache(tmp_path: Path, c
     copy.mkdir()
     (copy / "tokenizer.json").write_bytes(tok_path.read_bytes())
     again = prepare(str(corpus), str(copy), cache_dir=cache)
-    assert again.cache_hit and again.path == prepared.path and isinstance(again.tokenizer, PretrainedTokenizer)
+    assert again.cache_hit and again.path == prepared.path
+    assert isinstance(again.tokenizer, PretrainedTokenizer)
     # Another tokenizer misses: the key holds the tokenizer's content, not its path.
     _build_tokenizer(tok_path, vocab_size=280)
     other = prepare(str(corpus), str(tok_path), cache_dir=cache)
@@ -185,7 +186,9 @@ class _Crash(Exception):
     pass
 
 
-def test_interrupted_stream_resumes_instead_of_restarting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_stream_resumes_instead_of_restarting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("datasets")
     data = tmp_path / "ds"
     _jsonl(data / "train.jsonl", _docs(1200, 4))
