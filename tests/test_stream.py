@@ -82,6 +82,15 @@ def test_pretrained_tokenizer_file_prepares_and_keys_the_cache(tmp_path: Path, c
     other = prepare(str(corpus), str(tok_path), cache_dir=cache)
     assert not other.cache_hit and other.path != prepared.path and other.vocab_size == 280
 
+    # `gnopt train` sizes the model by the tokenizer's vocabulary.
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--preset", "tiny", "--tokenizer", str(tok_path),
+                 "--steps", "2", "--batch-tokens", "256", "--micro-batch-size", "4", "--eval-every", "0",
+                 "--eval-tokens", "512", "--threads", "1", "--quiet", "--out", str(out),
+                 "--cache-dir", str(cache)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["vocab_size"] == 280 and summary["config"]["tokenizer"] == str(tok_path)
+
 
 def test_bad_tokenizers_fail_cleanly_and_write_nothing(tmp_path: Path, corpus: Path) -> None:
     from tokenizers import Tokenizer, models
@@ -165,7 +174,11 @@ def test_streamed_budget_and_own_validation_split(tmp_path: Path) -> None:
     # A budget larger than the data: everything, and the entry says so.
     whole = prepare(f"hf:{data}", "bytes", cache_dir=tmp_path / "cache", max_tokens=10**8)
     assert not whole.meta["budget_reached"]
-    assert whole.tokenizer.decode(whole.train) == "".join(train_docs)
+    # Without a document-end token (bytes), documents end in a blank line, as when read whole.
+    assert whole.tokenizer.decode(whole.train) == "".join(d + "\n\n" for d in train_docs)
+    for part in ("train", "valid"):
+        ids = getattr(whole, part)
+        assert whole.meta[f"{part}_bytes"] == len(whole.tokenizer.decode(ids).encode("utf-8"))
 
 
 def test_streamed_without_validation_split_holds_out_first_documents(tmp_path: Path) -> None:
@@ -178,6 +191,14 @@ def test_streamed_without_validation_split_holds_out_first_documents(tmp_path: P
     n_valid_docs = text_valid.count(".")
     assert prepared.tokenizer.decode(prepared.train).startswith(docs[n_valid_docs])
     assert len(prepared.train) == 4000 and prepared.meta["valid_source"] == "held-out documents"
+    # An explicit validation text is read whole; a gnopt BPE is trained on the start of the stream.
+    valid_txt = tmp_path / "valid.txt"
+    valid_txt.write_text("held out by hand.\n" * 20, encoding="utf-8")
+    explicit = prepare(f"hf:{path}", "bpe", vocab_size=300, cache_dir=tmp_path / "cache", max_tokens=4000,
+                       valid_data=str(valid_txt))
+    assert explicit.meta["valid_source"] == "explicit" and explicit.tokenizer.kind == "bpe"
+    assert explicit.tokenizer.decode(explicit.valid) == valid_txt.read_text(encoding="utf-8")
+    assert explicit.tokenizer.decode(explicit.train).startswith(docs[0] + "\n\n" + docs[1])
     with pytest.raises(GnoptError, match="max_tokens streams a Hugging Face dataset"):
         prepare(str(path), "bytes", cache_dir=tmp_path / "cache", max_tokens=4000)
 

@@ -54,10 +54,21 @@ def valid_budget(max_tokens: int) -> int:
     return max(1, min(VALID_MAX_TOKENS, max_tokens // 20))
 
 
-def _encode_docs(tok: Tokenizer, docs: list[str]) -> list[np.ndarray]:
+def _encode_docs(tok: Tokenizer, docs: list[str]) -> list[tuple[str, np.ndarray]]:
+    """(text, ids) of a batch of documents, encoded in parallel. A tokenizer that marks documents (T5:
+    ``</s>``) does so itself; for the others each document ends in a newline plus a blank line, as in the
+    in-memory path."""
+    if not (isinstance(tok, BPETokenizer) and tok.marks_documents):
+        docs = [(d if d.endswith("\n") else d + "\n") + "\n" for d in docs]
     if isinstance(tok, BPETokenizer):
-        return tok.encode_documents(docs)
-    return [tok.encode(d) for d in docs]  # bytes: cheap, no special tokens
+        return list(zip(docs, tok.encode_documents(docs), strict=True))
+    return [(d, tok.encode(d)) for d in docs]
+
+
+def _nbytes(doc: str, kept: int, total: int) -> int:
+    """UTF-8 bytes of the part of ``doc`` that ``kept`` of its ``total`` tokens cover (pro rata when cut)."""
+    n = len(doc.encode("utf-8"))
+    return n if kept >= total else round(n * kept / max(total, 1))
 
 
 def _rows(ds: Any, what: str) -> Iterator[list[str]]:
@@ -140,7 +151,8 @@ def prepare_streamed(
         partial.mkdir(parents=True)
         tok.save(partial)
         progress = {"key": key, "phase": "valid", "valid_tokens": 0,
-                    "train_tokens": 0, "train_state": None, "valid_state": None, "documents": 0}
+                    "train_tokens": 0, "train_state": None, "valid_state": None, "documents": 0,
+                    "train_bytes": 0, "valid_bytes": 0}
         if valid_src is not None:
             loaded = valid_src.read()
             ids = tok.encode_corpus(loaded.text)
@@ -150,6 +162,7 @@ def prepare_streamed(
             app.close()
             progress["phase"] = "train"
             progress["valid_description"] = loaded.description
+            progress["valid_bytes"] = len(loaded.text.encode("utf-8"))
         _write_json_atomic(partial / PROGRESS, progress)
     else:
         tok = load_tokenizer(partial / "tokenizer.json",
@@ -182,8 +195,10 @@ def prepare_streamed(
             stream.valid.load_state_dict(progress["valid_state"])
         if own_valid and progress["phase"] == "valid":
             for batch in _rows(stream.valid, f"{data_spec} ({stream.valid_split})"):
-                for ids in _encode_docs(tok, batch):
-                    valid_app.append(ids[: vbudget - valid_app.count])
+                for doc, ids in _encode_docs(tok, batch):
+                    kept = ids[: vbudget - valid_app.count]
+                    valid_app.append(kept)
+                    progress["valid_bytes"] += _nbytes(doc, len(kept), len(ids))
                 progress["documents"] += len(batch)
                 if valid_app.count >= vbudget:
                     break
@@ -193,13 +208,16 @@ def prepare_streamed(
         done = train_app.count >= max_tokens
         if not done:
             for batch in _rows(stream.train, data_spec):
-                for ids in _encode_docs(tok, batch):
+                for doc, ids in _encode_docs(tok, batch):
                     if progress["phase"] == "valid":  # held out: the stream's first documents
                         valid_app.append(ids)
+                        progress["valid_bytes"] += _nbytes(doc, len(ids), len(ids))
                         if valid_app.count >= vbudget:
                             progress["phase"] = "train"
                         continue
-                    train_app.append(ids[: max_tokens - train_app.count])
+                    kept = ids[: max_tokens - train_app.count]
+                    train_app.append(kept)
+                    progress["train_bytes"] += _nbytes(doc, len(kept), len(ids))
                     if train_app.count >= max_tokens:
                         break
                 progress["documents"] += len(batch)  # (the last batch may be used in part)
@@ -240,6 +258,8 @@ def prepare_streamed(
         "train_tokens": int(train_app.count),
         "valid_tokens": int(valid_app.count),
         "documents": progress["documents"],
+        "train_bytes": progress["train_bytes"],
+        "valid_bytes": progress["valid_bytes"],
         "max_tokens": max_tokens,
         "budget_reached": done,
         "valid_source": "own split" if own_valid else ("held-out documents" if held_out else "explicit"),

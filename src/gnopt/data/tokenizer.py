@@ -149,6 +149,11 @@ class BPETokenizer:
             self._tok.encode(text, add_special_tokens=False).ids, dtype=np.uint16  # type: ignore[attr-defined]
         )
 
+    @property
+    def marks_documents(self) -> bool:
+        """Whether encoding a document adds special tokens (e.g. T5's ``</s>``) that mark its end."""
+        return int(self._tok.num_special_tokens_to_add(False)) > 0  # type: ignore[attr-defined]
+
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
         """Encode whole documents in one parallel batch, each as the tokenizer encodes a document (with its
         special tokens, e.g. T5's closing ``</s>``; a gnopt-trained BPE has none)."""
