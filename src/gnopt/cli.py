@@ -38,8 +38,12 @@ FIELD_HELP: dict[str, str] = {
     "data": "training text: a .txt file, a folder of .txt files (a folder with train.txt + valid.txt is "
     "used as that split), or hf:NAME[:CONFIG][:SPLIT]; default: the embedded corpus (Python stdlib sources)",
     "valid_data": "validation text (default: the folder's valid.txt, else the held-out tail of --data)",
-    "tokenizer": f"one of {', '.join(TOKENIZERS)} (default: bytes for presets with a 256 vocab, else bpe)",
-    "vocab_size": "BPE vocabulary size (default: the preset's)",
+    "tokenizer": f"one of {', '.join(TOKENIZERS)}, a pretrained Hugging Face tokenizer.json (a path), or "
+    "hf:NAME to download one (e.g. hf:google-t5/t5-base; vocabularies up to 65,536) (default: bytes for "
+    "presets with a 256 vocab, else bpe)",
+    "vocab_size": "BPE vocabulary size (default: the preset's; a pretrained tokenizer brings its own)",
+    "max_tokens": "stream an hf: --data up to this many training tokens (resumable; validation from the "
+    "dataset's own validation split), instead of reading it into memory",
     "cache_dir": "token cache root (default: $GNOPT_CACHE or ~/.cache/gnopt)",
     "preset": "model size preset (tiny, cpu-small, cpu-medium, 45m, 150m)",
     "seq_len": "sequence length (default: the preset's)",
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_prep = sub.add_parser("prepare", help="tokenize and cache a corpus, print its statistics")
     p_info = sub.add_parser("info", help="parameter counts of a preset (and data statistics with --data)")
     for p in (p_prep, p_info):
-        for name in ("data", "valid_data", "tokenizer", "vocab_size", "cache_dir", "preset"):
+        for name in ("data", "valid_data", "tokenizer", "vocab_size", "max_tokens", "cache_dir", "preset"):
             base, _ = _base_type(FIELD_TYPES[name])
             p.add_argument("--" + name.replace("_", "-"), dest=name, type=int if base == "int" else str,
                            default=argparse.SUPPRESS, help=FIELD_HELP[name])
@@ -190,7 +194,8 @@ def _data_cfg(ns: argparse.Namespace) -> TrainConfig:
     from gnopt.config import resolve
     from gnopt.model import PRESETS
 
-    given = _given(ns, ("data", "valid_data", "tokenizer", "vocab_size", "cache_dir", "preset", "seq_len"))
+    given = _given(ns, ("data", "valid_data", "tokenizer", "vocab_size", "max_tokens", "cache_dir", "preset",
+                        "seq_len"))
     cfg = config_from_mapping(given, where="the command line")
     # No training happens here: make the batch fields trivially valid for any preset / seq_len.
     seq_len = cfg.seq_len or (PRESETS[cfg.preset].seq_len if cfg.preset in PRESETS else 1)

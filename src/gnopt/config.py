@@ -91,8 +91,10 @@ class TrainConfig:
     # --- data --------------------------------------------------------------------------------------
     data: str | None = None  # corpus path; None = the embedded default corpus (Python stdlib sources)
     valid_data: str | None = None  # validation text; None = held out from `data` by the data module
-    tokenizer: str | None = None  # bpe | bytes; None = bytes for presets with vocab 256, else bpe
-    vocab_size: int | None = None  # None = the preset's (bpe) or 256 (bytes)
+    tokenizer: str | None = None  # bpe | bytes | hf:NAME | tokenizer.json path; None = bytes for presets
+    #                               with vocab 256, else bpe
+    vocab_size: int | None = None  # None = the preset's (bpe), 256 (bytes), the pretrained tokenizer's
+    max_tokens: int | None = None  # stream an hf: dataset up to this many training tokens (None: read it)
     cache_dir: str | None = None  # token-shard cache; None = the data module's default
     # --- model -------------------------------------------------------------------------------------
     preset: str = "cpu-small"
@@ -307,14 +309,30 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _choice("gn_schedule", cfg.gn_schedule, GN_SCHEDULES, "GN schedule")
     _choice("ls_source", cfg.ls_source, LS_SOURCES, "line-search source")
     _choice("ls_kind", cfg.ls_kind, LS_KINDS, "line-search kind")
-    if cfg.tokenizer is not None:
-        _choice("tokenizer", cfg.tokenizer, TOKENIZERS)
-
     r = dataclasses.replace(cfg)
     preset = presets[r.preset]
-    if r.tokenizer is None:
+    if r.tokenizer is not None and r.tokenizer not in TOKENIZERS:  # a pretrained tokenizer
+        if r.tokenizer.startswith("hf:"):
+            if not r.tokenizer[3:].strip():
+                raise GnoptError("bad tokenizer 'hf:'; expected hf:NAME, e.g. hf:google-t5/t5-base.")
+        else:
+            p = Path(os.path.expanduser(r.tokenizer))
+            if not (p.is_file() or (p / "tokenizer.json").is_file()):
+                raise GnoptError(
+                    f"unknown tokenizer {r.tokenizer!r}: not {', '.join(TOKENIZERS)}, hf:NAME or an existing "
+                    "tokenizer.json file."
+                )
+            r.tokenizer = os.path.abspath(p)
+        if r.vocab_size is not None:
+            raise GnoptError(
+                f"vocab_size={r.vocab_size} cannot be combined with the pretrained tokenizer {r.tokenizer}: "
+                "its vocabulary is the tokenizer's own."
+            )
+    elif r.tokenizer is None:
         r.tokenizer = "bytes" if (r.vocab_size or preset.vocab_size) <= 256 else "bpe"
-    if r.tokenizer == "bytes":
+    if r.tokenizer not in TOKENIZERS:
+        pass  # pretrained: vocab_size stays None (the tokenizer's, known once it is loaded)
+    elif r.tokenizer == "bytes":
         if r.vocab_size not in (None, 256):
             raise GnoptError(
                 f"the bytes tokenizer has a fixed vocabulary of 256; got vocab_size={r.vocab_size}."
@@ -351,6 +369,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         value = getattr(r, name)
         if value < 1:
             raise GnoptError(f"{name} must be a positive integer, got {value}.")
+    if r.max_tokens is not None and r.max_tokens < 1:
+        raise GnoptError(f"max_tokens must be a positive integer, got {r.max_tokens}.")
+    if r.max_tokens is not None and not (r.data or "").startswith("hf:"):
+        raise GnoptError(
+            f"max_tokens streams a Hugging Face dataset: data must be hf:NAME[:CONFIG][:SPLIT] (hf:PATH for "
+            f"a local file), got {r.data!r}."
+        )
     if r.ls_batches is not None and r.ls_batches < 1:
         raise GnoptError(f"ls_batches must be a positive integer, got {r.ls_batches}.")
     for name in ("eval_every", "ckpt_every", "seed"):

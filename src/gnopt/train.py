@@ -86,10 +86,10 @@ def load_data(cfg: TrainConfig) -> Any:
     """Tokenize (or load from the cache) the corpus of a resolved config; returns ``PreparedData``."""
     from gnopt.data import prepare
 
-    assert cfg.tokenizer is not None and cfg.vocab_size is not None
+    assert cfg.tokenizer is not None
     return prepare(
-        cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, cache_dir=cfg.cache_dir,
-        valid_data=cfg.valid_data,
+        cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size or 0, cache_dir=cfg.cache_dir,
+        valid_data=cfg.valid_data, max_tokens=cfg.max_tokens,
     )
 
 

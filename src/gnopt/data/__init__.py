@@ -3,6 +3,8 @@
 Typical use::
 
     prepared = prepare("path/to/corpus", tokenizer="bpe", vocab_size=4096)   # cached after the first call
+    # or a pretrained tokenizer and a streamed dataset with a token budget (resumable):
+    # prepare("hf:allenai/c4:en", tokenizer="hf:google-t5/t5-base", max_tokens=2_000_000_000)
     batches = TokenBatcher(prepared.train, seq_len=128, micro_batch_size=32, seed=0)
     x, y = next(batches)
     val = eval_batches(prepared.valid, seq_len=128, micro_batch_size=32, max_tokens=32_768)
@@ -33,7 +35,9 @@ from gnopt.data.tokenizer import (
     TOKENIZER_KINDS,
     BPETokenizer,
     ByteTokenizer,
+    PretrainedTokenizer,
     Tokenizer,
+    load_pretrained,
     load_tokenizer,
     make_tokenizer,
 )
@@ -47,6 +51,7 @@ __all__ = [
     "HF_MAX_CHARS",
     "LoadedText",
     "PreparedData",
+    "PretrainedTokenizer",
     "SHARD_MAGIC",
     "SHARD_VERSION",
     "TOKENIZER_KINDS",
@@ -58,6 +63,7 @@ __all__ = [
     "data_statistics",
     "default_cache_dir",
     "eval_batches",
+    "load_pretrained",
     "load_tokenizer",
     "make_tokenizer",
     "parse_hf_spec",

@@ -2,15 +2,18 @@
 
 ``prepare(data_spec, tokenizer, vocab_size, cache_dir)`` resolves the spec (see :mod:`gnopt.data.sources`),
 derives a cache key from the corpus identity (file paths, sizes and modification times; Python version
-for the default corpus; the dataset name for the hub), the tokenizer kind, the vocabulary size, the
+for the default corpus; the dataset name for the hub), the tokenizer kind (a pretrained tokenizer: the
+SHA-256 of its JSON), the vocabulary size, the token budget of a streamed entry, the
 validation rule and :data:`FORMAT_VERSION`, and then either
 
 - **hits**: memory-maps ``<cache>/data/<name>-<key>/{train,valid}.bin`` and loads ``tokenizer.json``
   without reading or tokenizing any text, or
-- **misses**: reads the text, holds out the validation text (an explicit validation source, else the last
-  ``valid_fraction`` of the training text, cut at a line break), trains the tokenizer on the *training*
-  text only (BPE: on a bounded, evenly spaced sample of at most ~10M characters), tokenizes both parts
-  (batched, parallel) and publishes the folder atomically (built under a temporary name, then renamed, so
+- **misses**: with ``max_tokens``, streams an ``hf:`` dataset up to that many tokens, resumably (see
+  :mod:`gnopt.data.stream`); otherwise reads the text, holds out the validation text (an explicit
+  validation source, else the last ``valid_fraction`` of the training text, cut at a line break), trains
+  the tokenizer on the *training* text only (BPE: on a bounded, evenly spaced sample of at most ~10M
+  characters; a pretrained tokenizer is used as is), tokenizes both parts (batched, parallel) and
+  publishes the folder atomically (built under a temporary name, then renamed, so
   concurrent or interrupted runs never see a half-written cache entry).
 
 The cache root is the ``cache_dir`` argument, else ``$GNOPT_CACHE``, else ``~/.cache/gnopt``.
@@ -33,12 +36,15 @@ from typing import Any
 import numpy as np
 
 from gnopt.data.shards import read_shard, write_shard
-from gnopt.data.sources import HF_MAX_CHARS, TextSource, resolve_data
+from gnopt.data.sources import HF_MAX_CHARS, TextSource, hf_stream_source, resolve_data
 from gnopt.data.tokenizer import (
     BPE_SAMPLE_CHARS,
     MAX_VOCAB,
-    TOKENIZER_KINDS,
+    PRETRAINED,
+    PretrainedTokenizer,
     Tokenizer,
+    is_pretrained_spec,
+    load_pretrained,
     load_tokenizer,
     make_tokenizer,
 )
@@ -97,16 +103,26 @@ def cache_key(
     tokenizer: str,
     vocab_size: int,
     valid_fraction: float,
+    *,
+    tokenizer_sha256: str | None = None,
+    max_tokens: int | None = None,
 ) -> str:
-    """Hex digest identifying a prepared corpus (see the module docstring for what goes into it)."""
-    payload = {
+    """Hex digest identifying a prepared corpus (see the module docstring for what goes into it).
+
+    A pretrained tokenizer (``tokenizer="pretrained"``) is identified by the SHA-256 of its JSON, not by
+    where it came from; ``max_tokens`` (a streamed entry) keys the budget and the streamed source."""
+    payload: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "train": train.identity,
         "valid": valid.identity if valid is not None else {"tail_fraction": valid_fraction},
         "tokenizer": tokenizer,
-        "vocab_size": vocab_size if tokenizer == "bpe" else 256,
+        "vocab_size": vocab_size if tokenizer in ("bpe", PRETRAINED) else 256,
         "bpe_sample_chars": BPE_SAMPLE_CHARS if tokenizer == "bpe" else None,
     }
+    if tokenizer_sha256 is not None:
+        payload["tokenizer_sha256"] = tokenizer_sha256
+    if max_tokens is not None:
+        payload["max_tokens"] = max_tokens
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:20]
 
 
@@ -122,7 +138,8 @@ def _load_entry(folder: Path) -> PreparedData:
         raise GnoptError(f"cache entry {folder} has format {meta.get('format')!r}; delete it to rebuild it.")
     train = read_shard(folder / "train.bin")
     valid = read_shard(folder / "valid.bin")
-    tok = load_tokenizer(folder / "tokenizer.json")
+    source = meta.get("tokenizer_source") if meta.get("tokenizer") == PRETRAINED else None
+    tok = load_tokenizer(folder / "tokenizer.json", pretrained_source=source)
     if len(train) != meta.get("train_tokens") or len(valid) != meta.get("valid_tokens"):
         raise GnoptError(f"cache entry {folder} does not match its meta.json; delete it to rebuild it.")
     return PreparedData(train, valid, tok, meta["description"], folder, True, meta)
@@ -137,35 +154,75 @@ def prepare(
     valid_data: str | os.PathLike[str] | None = None,
     valid_fraction: float = DEFAULT_VALID_FRACTION,
     max_chars: int = HF_MAX_CHARS,
+    max_tokens: int | None = None,
     rebuild: bool = False,
 ) -> PreparedData:
     """Tokenize ``data_spec`` once (cached) and return its train/valid tokens and tokenizer.
 
     Args:
         data_spec: file, folder, ``hf:NAME[:CONFIG][:SPLIT]`` or ``None`` for the embedded default corpus.
-        tokenizer: ``"bpe"`` (byte-level BPE trained on the training text) or ``"bytes"`` (vocab 256).
-        vocab_size: BPE vocabulary size (ignored for ``bytes``); the trained vocabulary can be smaller on a
-            tiny corpus: use ``PreparedData.vocab_size`` for the model.
+        tokenizer: ``"bpe"`` (byte-level BPE trained on the training text), ``"bytes"`` (vocab 256), or a
+            pretrained tokenizer: ``"hf:NAME"`` or the path of a ``tokenizer.json`` (vocabulary <= 65,536).
+        vocab_size: BPE vocabulary size (ignored for ``bytes`` and pretrained tokenizers); the trained
+            vocabulary can be smaller on a tiny corpus: use ``PreparedData.vocab_size`` for the model.
         cache_dir: cache root (default ``$GNOPT_CACHE`` or ``~/.cache/gnopt``).
         valid_data: explicit validation text (a file, folder or hf spec); by default a folder's
             ``valid.txt`` or a local dataset's validation split, else the held-out tail.
         valid_fraction: size of the held-out tail when there is no validation source.
-        max_chars: cap on the characters read from a Hugging Face dataset.
+        max_chars: cap on the characters read from a Hugging Face dataset (not streamed with a budget).
+        max_tokens: stream an ``hf:`` dataset and tokenize it up to this many training tokens, resumably
+            (see :mod:`gnopt.data.stream`); validation comes from the dataset's own validation split.
         rebuild: ignore and replace an existing cache entry.
     """
-    if tokenizer not in TOKENIZER_KINDS:
-        raise GnoptError(f"unknown tokenizer {tokenizer!r}; valid tokenizers: {', '.join(TOKENIZER_KINDS)}.")
-    if tokenizer == "bpe" and not 256 < vocab_size <= MAX_VOCAB:
+    pretrained: PretrainedTokenizer | None = None
+    if is_pretrained_spec(tokenizer):
+        # a bad file, a too large vocabulary, offline: fail before anything is written
+        pretrained = load_pretrained(tokenizer)
+        vocab_size = pretrained.vocab_size
+    elif tokenizer == "bpe" and not 256 < vocab_size <= MAX_VOCAB:
         raise GnoptError(f"BPE vocab_size must be in 257..{MAX_VOCAB}, got {vocab_size}.")
-    train_src, valid_src = resolve_data(data_spec, valid_data, max_chars=max_chars)
-    key = cache_key(train_src, valid_src, tokenizer, vocab_size, valid_fraction)
+    kind = PRETRAINED if pretrained is not None else tokenizer
+    if max_tokens is not None:
+        if not (isinstance(data_spec, str) and data_spec.startswith("hf:")):
+            raise GnoptError("max_tokens streams a Hugging Face dataset: --data must be hf:NAME[:CONFIG]"
+                             f"[:SPLIT] (a local file works too: hf:PATH), got {data_spec!r}.")
+        if max_tokens < 1:
+            raise GnoptError(f"max_tokens must be a positive integer, got {max_tokens}.")
+        _, valid_src = resolve_data(None, valid_data) if valid_data is not None else (None, None)
+        train_src = hf_stream_source(data_spec)
+    else:
+        train_src, valid_src = resolve_data(data_spec, valid_data, max_chars=max_chars)
+    key = cache_key(train_src, valid_src, kind, vocab_size, valid_fraction,
+                    tokenizer_sha256=pretrained.identity if pretrained is not None else None,
+                    max_tokens=max_tokens)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    vtag = f"{tokenizer}{vocab_size}" if tokenizer == "bpe" else "bytes"
-    folder = root / "data" / f"{_slug(train_src.name)}-{vtag}-{key}"
+    if pretrained is not None:  # named by content (the key), not by path: copies share the entry
+        vtag = f"pretrained{vocab_size}"
+    else:
+        vtag = f"{tokenizer}{vocab_size}" if tokenizer == "bpe" else "bytes"
+    budget_tag = f"-{max_tokens}tok" if max_tokens is not None else ""
+    folder = root / "data" / f"{_slug(train_src.name)}-{vtag}{budget_tag}-{key}"
 
     if folder.is_dir() and not rebuild:
         prepared = _load_entry(folder)
         log.info("data: cache hit %s (%s)", folder, prepared.description)
+        return prepared
+
+    if max_tokens is not None:
+        from gnopt.data.stream import prepare_streamed
+
+        assert isinstance(data_spec, str)
+        if rebuild and folder.exists():
+            shutil.rmtree(folder)
+        prepare_streamed(
+            data_spec, tokenizer, vocab_size, pretrained, max_tokens, folder, key, valid_src,
+            {"format": FORMAT_VERSION, "key": key, "tokenizer": kind,
+             "tokenizer_source": pretrained.source if pretrained is not None else None,
+             "tokenizer_sha256": pretrained.identity if pretrained is not None else None,
+             "requested_vocab_size": vocab_size if tokenizer == "bpe" else None},
+        )
+        prepared = _load_entry(folder)
+        prepared.cache_hit = False
         return prepared
 
     t0 = time.perf_counter()
@@ -183,7 +240,7 @@ def prepare(
     description = f"{loaded.description}; {valid_rule}"
 
     t1 = time.perf_counter()
-    tok = make_tokenizer(tokenizer, train_text, vocab_size)
+    tok = pretrained if pretrained is not None else make_tokenizer(tokenizer, train_text, vocab_size)
     t2 = time.perf_counter()
     train_ids = tok.encode_corpus(train_text)
     valid_ids = tok.encode_corpus(valid_text)
@@ -200,9 +257,11 @@ def prepare(
         "key": key,
         "description": description,
         "source": train_src.description,
-        "tokenizer": tokenizer,
+        "tokenizer": kind,
+        "tokenizer_source": pretrained.source if pretrained is not None else None,
+        "tokenizer_sha256": pretrained.identity if pretrained is not None else None,
         "vocab_size": tok.vocab_size,
-        "requested_vocab_size": vocab_size if tokenizer == "bpe" else 256,
+        "requested_vocab_size": vocab_size if tokenizer == "bpe" else (256 if tokenizer == "bytes" else None),
         "train_tokens": int(len(train_ids)),
         "valid_tokens": int(len(valid_ids)),
         "train_bytes": train_bytes,

@@ -78,3 +78,51 @@ def read_shard(path: str | os.PathLike[str]) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=TOKEN_DTYPE)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+class ShardAppender:
+    """Grow a shard by appending tokens, with commit points an interrupted writer can resume from.
+
+    The file starts with a header that says 0 tokens (so a half-built file is never mistaken for a
+    finished shard); ``append`` adds tokens, ``commit`` makes everything so far durable (flush + fsync) and
+    returns the committed count, ``finish`` writes the real header. Re-opening with ``committed=n`` cuts
+    the file back to its first ``n`` tokens, dropping whatever was appended after the last commit.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], committed: int = 0) -> None:
+        self.path = Path(path)
+        if committed == 0 or not self.path.exists():
+            if committed:
+                raise GnoptError(f"partial shard {self.path} is missing; delete its folder to start over.")
+            with self.path.open("wb") as f:
+                f.write(np.zeros(HEADER_INTS, dtype="<i4").tobytes())
+        elif self.path.stat().st_size < HEADER_BYTES + 2 * committed:
+            raise GnoptError(f"partial shard {self.path} is shorter than its progress record says; delete "
+                             "its folder to start over.")
+        self._f = self.path.open("r+b")
+        self._f.truncate(HEADER_BYTES + 2 * committed)
+        self._f.seek(0, os.SEEK_END)
+        self.count = committed
+
+    def append(self, tokens: np.ndarray) -> None:
+        arr = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
+        self._f.write(arr.tobytes())
+        self.count += arr.size
+
+    def commit(self) -> int:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return self.count
+
+    def finish(self) -> None:
+        """Write the header with the final count, make it durable and close the file."""
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, self.count
+        self._f.seek(0)
+        self._f.write(header.tobytes())
+        self.commit()
+        self._f.close()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()

@@ -407,6 +407,117 @@ def hf_source(spec_str: str, max_chars: int = HF_MAX_CHARS) -> tuple[TextSource,
 
 
 # ---------------------------------------------------------------------------------------------------
+# Streamed Hugging Face datasets (a token budget: ``--max-tokens``)
+
+#: Names of a dataset's own validation split, in order of preference.
+VALID_SPLITS: tuple[str, ...] = ("validation", "valid", "val")
+
+
+@dataclass(frozen=True)
+class StreamedDataset:
+    """The streamed splits of an ``hf:`` dataset: ``train`` (an ``IterableDataset``) and its own validation
+    split ``valid`` (``None`` when it has none or a split was named)."""
+
+    train: Any
+    valid: Any | None
+    train_split: str
+    valid_split: str | None
+    description: str
+
+
+def hf_stream_identity(spec_str: str) -> dict[str, Any]:
+    """What keys the cache for a streamed ``hf:`` spec (files' sizes and times for a local path; the name
+    for the Hub, whose datasets do not change under a name in practice). No network."""
+    spec = parse_hf_spec(spec_str)
+    ident: dict[str, Any] = {"hf": spec.name, "config": spec.config, "split": spec.split, "streamed": True}
+    local = Path(spec.name).expanduser()
+    if local.exists():
+        files = sorted(local.rglob("*")) if local.is_dir() else [local]
+        ident["files"] = _file_identity([f for f in files if f.is_file()])
+    return ident
+
+
+def hf_stream_source(spec_str: str) -> TextSource:
+    """A :class:`TextSource` that only names and keys a streamed ``hf:`` spec (its text is never read
+    whole: :mod:`gnopt.data.stream` streams it)."""
+    spec = parse_hf_spec(spec_str)
+
+    def reader() -> LoadedText:
+        raise GnoptError(f"internal: the streamed dataset {spec_str} cannot be read whole.")
+
+    return TextSource("hf", "hf-" + Path(spec.name).name, f"Hugging Face dataset {spec.name} (streamed)",
+                      hf_stream_identity(spec_str), reader)
+
+
+def open_hf_stream(spec_str: str) -> StreamedDataset:
+    """Open ``hf:NAME[:CONFIG][:SPLIT]`` as streamed splits (nothing is downloaded beyond what is read).
+
+    Hub names use ``load_dataset(NAME, CONFIG, streaming=True)``; local paths are streamed too (a
+    ``save_to_disk`` folder through ``to_iterable_dataset``, a ``.txt`` file one paragraph per row, a
+    ``.json``/``.jsonl``/``.csv``/``.parquet`` file one row per record, a folder through its own layout).
+    A failure (offline, unknown name or config, no such split) is one :class:`GnoptError` line.
+    """
+    spec = parse_hf_spec(spec_str)
+    datasets = _import_datasets()
+    local = Path(spec.name).expanduser()
+    what = str(local) if local.exists() else repr(spec.name)
+    try:
+        if local.is_dir() and any((local / f).is_file() for f in
+                                  ("dataset_info.json", "state.json", "dataset_dict.json")):
+            obj = datasets.load_from_disk(str(local))
+            if isinstance(obj, datasets.DatasetDict):
+                obj = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in obj.items()})
+            else:
+                obj = obj.to_iterable_dataset()
+        elif local.is_file():
+            builder = HF_TEXT_SUFFIXES.get(local.suffix.lower())
+            if builder is None:
+                raise GnoptError(f"cannot stream {local} as a Hugging Face dataset: use one of "
+                                 f"{', '.join(HF_TEXT_SUFFIXES)} or a save_to_disk folder.")
+            extra = {"sample_by": "paragraph"} if builder == "text" else {}
+            obj = datasets.load_dataset(builder, data_files=str(local), streaming=True, **extra)
+        else:
+            obj = datasets.load_dataset(str(local) if local.exists() else spec.name, spec.config,
+                                        streaming=True)
+    except GnoptError:
+        raise
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        cfg = f" ({spec.config})" if spec.config else ""
+        raise GnoptError(f"cannot open Hugging Face dataset {what}{cfg} for streaming: "
+                         f"{type(exc).__name__}: {lines[0] if lines else ''}") from None
+    label = f"Hugging Face dataset {local if local.exists() else spec.name}" + (
+        f" ({spec.config})" if spec.config else "")
+    if not isinstance(obj, (datasets.IterableDatasetDict, datasets.DatasetDict, dict)):
+        if spec.split not in (None, "train"):
+            raise GnoptError(f"Hugging Face dataset {what} has a single split; cannot select {spec.split!r}.")
+        return StreamedDataset(obj, None, "train", None, label)
+    train_split = spec.split or ("train" if "train" in obj else next(iter(obj)))
+    train = _pick_split(obj, train_split, what)
+    valid_split = None
+    if spec.split is None:
+        valid_split = next((k for k in VALID_SPLITS if k in obj), None)
+    return StreamedDataset(train, obj[valid_split] if valid_split else None, train_split, valid_split, label)
+
+
+def row_text_getter(what: str) -> Callable[[dict[str, Any]], str]:
+    """A function from a row to its text: the ``text`` column, else the row's first string column (decided
+    on the first row, since a streamed dataset's schema may be unknown up front)."""
+    column: list[str] = []
+
+    def get(row: dict[str, Any]) -> str:
+        if not column:
+            name = "text" if isinstance(row.get("text"), str) else next(
+                (k for k, v in row.items() if isinstance(v, str)), None)
+            if name is None:
+                raise GnoptError(f"Hugging Face dataset {what} has no text column (columns: {list(row)}).")
+            column.append(name)
+        return row[column[0]] or ""
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def resolve_data(

@@ -1,12 +1,19 @@
-"""Tokenizers: raw UTF-8 bytes, or a byte-level BPE trained on the training text with HF ``tokenizers``.
+"""Tokenizers: raw UTF-8 bytes, a byte-level BPE trained on the training text with HF ``tokenizers``, or a
+pretrained Hugging Face tokenizer (a ``tokenizer.json`` file, or ``hf:NAME`` downloaded from the Hub).
 
-Both share one small interface (:class:`Tokenizer`): ``encode(str) -> np.ndarray[uint16]``,
+All share one small interface (:class:`Tokenizer`): ``encode(str) -> np.ndarray[uint16]``,
 ``decode(ids) -> str``, ``vocab_size``, ``kind``, ``save(folder)``, plus ``encode_corpus`` for large texts.
-Ids are uint16 because shards store uint16 (vocabularies up to 65,536).
+Ids are uint16 because shards store uint16 (vocabularies up to 65,536; a larger pretrained vocabulary is
+refused when it is loaded).
+
+A *tokenizer spec* (``--tokenizer``) is ``bpe``, ``bytes``, ``hf:NAME`` (e.g. ``hf:google-t5/t5-base``:
+its ``tokenizer.json`` from the Hugging Face Hub, through the Hub's local cache, so it needs the network
+once) or the path of a ``tokenizer.json`` file (or of a folder holding one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +26,8 @@ import numpy as np
 from gnopt.errors import GnoptError
 
 TOKENIZER_KINDS: tuple[str, ...] = ("bpe", "bytes")
+#: The ``kind`` of a loaded pretrained tokenizer (a file or ``hf:NAME``).
+PRETRAINED = "pretrained"
 MAX_VOCAB = 1 << 16
 #: BPE is trained on at most this many characters of training text (an evenly spaced sample).
 BPE_SAMPLE_CHARS = 10_000_000
@@ -136,7 +145,20 @@ class BPETokenizer:
             raise GnoptError(f"cannot load BPE tokenizer from {path}: {exc}.") from exc
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text).ids, dtype=np.uint16)  # type: ignore[attr-defined]
+        return np.asarray(
+            self._tok.encode(text, add_special_tokens=False).ids, dtype=np.uint16  # type: ignore[attr-defined]
+        )
+
+    @property
+    def marks_documents(self) -> bool:
+        """Whether encoding a document adds special tokens (e.g. T5's ``</s>``) that mark its end."""
+        return int(self._tok.num_special_tokens_to_add(False)) > 0  # type: ignore[attr-defined]
+
+    def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode whole documents in one parallel batch, each as the tokenizer encodes a document (with its
+        special tokens, e.g. T5's closing ``</s>``; a gnopt-trained BPE has none)."""
+        encode_batch = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch  # type: ignore[attr-defined]
+        return [np.asarray(e.ids, dtype=np.uint16) for e in encode_batch(texts, add_special_tokens=True)]
 
     def encode_corpus(self, text: str) -> np.ndarray:
         """Encode a large text quickly: cut at newlines into ~64K-character chunks and encode them in
@@ -149,10 +171,14 @@ class BPETokenizer:
         for chunk in iter_chunks(text, ENCODE_CHUNK_CHARS):
             group.append(chunk)
             if len(group) == ENCODE_GROUP:
-                parts.extend(np.asarray(e.ids, dtype=np.uint16) for e in encode_batch(group))
+                parts.extend(
+                    np.asarray(e.ids, dtype=np.uint16) for e in encode_batch(group, add_special_tokens=False)
+                )
                 group = []
         if group:
-            parts.extend(np.asarray(e.ids, dtype=np.uint16) for e in encode_batch(group))
+            parts.extend(
+                np.asarray(e.ids, dtype=np.uint16) for e in encode_batch(group, add_special_tokens=False)
+            )
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
     def decode(self, ids: TokenIds) -> str:
@@ -165,6 +191,91 @@ class BPETokenizer:
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+class PretrainedTokenizer(BPETokenizer):
+    """A pretrained Hugging Face tokenizer (any model: BPE, Unigram/SentencePiece, WordPiece) used as is.
+
+    ``source`` says where it came from (a path or ``hf:NAME``); ``identity`` is the SHA-256 of its
+    canonical JSON, so two copies of the same tokenizer share cache entries and any change misses.
+    ``encode``/``encode_corpus`` add no special tokens (a text is not a document);
+    ``encode_documents`` adds the tokenizer's own (T5: ``</s>`` after each document).
+    """
+
+    kind = PRETRAINED
+
+    def __init__(self, hf_tokenizer: object, source: str) -> None:
+        super().__init__(hf_tokenizer)
+        self.source = source
+        # The id range, not just the count: shards and the model's embedding need every id < vocab_size.
+        vocab = hf_tokenizer.get_vocab(with_added_tokens=True)  # type: ignore[attr-defined]
+        size = max(len(vocab), max(vocab.values(), default=-1) + 1)
+        if size > MAX_VOCAB:
+            raise GnoptError(
+                f"tokenizer {source} has a vocabulary of {size:,} tokens; token shards store uint16 ids, "
+                f"so at most {MAX_VOCAB:,} are supported."
+            )
+        self._size = size
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size
+
+    @property
+    def identity(self) -> str:
+        return hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return f"PretrainedTokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+def is_pretrained_spec(spec: str | None) -> bool:
+    """Whether a ``--tokenizer`` value names a pretrained tokenizer (anything but ``bpe`` / ``bytes``)."""
+    return spec is not None and spec not in TOKENIZER_KINDS
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+def _hf_tokenizer_from_file(path: Path, what: str) -> object:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on anything it cannot parse
+        raise GnoptError(f"{what} is not a Hugging Face tokenizer.json ({_first_line(exc)}).") from None
+
+
+def load_pretrained(spec: str) -> PretrainedTokenizer:
+    """Load a pretrained tokenizer: ``hf:NAME`` (the Hub's ``tokenizer.json``, via its local cache) or a
+    ``tokenizer.json`` path (or a folder holding one). Every failure is one :class:`GnoptError` line."""
+    if spec.startswith("hf:"):
+        name = spec[3:].strip()
+        if not name:
+            raise GnoptError("bad tokenizer 'hf:'; expected hf:NAME, e.g. hf:google-t5/t5-base.")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            local = hf_hub_download(repo_id=name, filename="tokenizer.json")
+        except Exception as exc:  # offline, unknown repository, no tokenizer.json, ...
+            raise GnoptError(
+                f"cannot get tokenizer {spec} from the Hugging Face Hub ({type(exc).__name__}: "
+                f"{_first_line(exc)}); it needs the network once (or the Hub cache), else pass a "
+                "tokenizer.json path."
+            ) from None
+        hf_tok = _hf_tokenizer_from_file(Path(local), f"the tokenizer.json of {spec}")
+        return PretrainedTokenizer(hf_tok, spec)
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise GnoptError(
+            f"unknown tokenizer {spec!r}: not {', '.join(TOKENIZER_KINDS)}, hf:NAME or an existing "
+            "tokenizer.json file."
+        )
+    return PretrainedTokenizer(_hf_tokenizer_from_file(p, f"tokenizer file {p}"), str(p))
 
 
 def iter_chunks(text: str, size: int) -> Iterator[str]:
@@ -215,8 +326,11 @@ def make_tokenizer(kind: str, train_text: str | None = None, vocab_size: int = 4
     raise GnoptError(f"unknown tokenizer {kind!r}; valid tokenizers: {', '.join(TOKENIZER_KINDS)}.")
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load a tokenizer saved by ``save`` (a ``tokenizer.json`` file or the folder that holds one)."""
+def load_tokenizer(path: str | os.PathLike[str], *, pretrained_source: str | None = None) -> Tokenizer:
+    """Load a tokenizer saved by ``save`` (a ``tokenizer.json`` file or the folder that holds one).
+
+    ``pretrained_source``: the file holds the pretrained tokenizer that came from there (a cache entry's
+    copy); it is loaded as a :class:`PretrainedTokenizer`."""
     p = Path(path)
     if p.is_dir():
         p = p / "tokenizer.json"
@@ -228,6 +342,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
         raise GnoptError(f"tokenizer file {p} is not valid JSON: {exc}.") from exc
     if isinstance(head, dict) and head.get("gnopt_tokenizer") == "bytes":
         return ByteTokenizer()
+    if pretrained_source is not None:
+        return PretrainedTokenizer(_hf_tokenizer_from_file(p, f"tokenizer file {p}"), pretrained_source)
     return BPETokenizer.load(p)
 
 

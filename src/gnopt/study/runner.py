@@ -351,16 +351,25 @@ class StudyRunner:
         return total / self.opt.jobs
 
     def dry_run(self) -> list[tuple[RunSpec, str]]:
-        """Print the plan (and the estimate where runs have been measured); runs nothing."""
+        """Print the plan (and the estimate where runs have been measured; for the ``45m`` / ``150m``
+        presets also an estimate in GPU-hours from the measured GPU costs); runs nothing, reads no data."""
+        from gnopt.study.estimate import GPU_PRESETS, format_estimate
+
         acts = self.actions()
         self._seed_costs(acts)
         todo = [r for r, a in acts if a != "skip"]
         for i, (r, a) in enumerate(acts):
             est = self.cost.estimate(r, r.steps - _steps_done(r)) if a != "skip" else None
             self.say(f"{i}/{len(acts) - 1} {a:7s} {r.label}: {r.steps} steps of {r.config.n_micro} "
-                     "micro-batches" + (f", ~{_duration(est)}" if est is not None else "") + f" -> {r.rel}")
-        self.say(f"{len(todo)} of {len(acts)} runs to do; estimated {_duration(self.eta(todo))}"
-                 + ("" if self.cost.seconds else " (no measured run yet)"))
+                     f"micro-batches = {r.steps * r.batch_tokens:,} tokens"
+                     + (f", ~{_duration(est)}" if est is not None else "") + f" -> {r.rel}")
+        tokens = sum(r.steps * r.batch_tokens for r in todo)
+        self.say(f"{len(todo)} of {len(acts)} runs to do, {tokens:,} training tokens; estimated "
+                 f"{_duration(self.eta(todo))}" + ("" if self.cost.seconds else " (no measured run yet)"))
+        preset = self.warmup.config.preset
+        if todo and preset in GPU_PRESETS:
+            for line in format_estimate(todo, preset):
+                self.say(line)
         return acts
 
     # ---------------------------------------------------------------- the study

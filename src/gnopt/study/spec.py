@@ -48,7 +48,8 @@ budget, i.e. the loss that the best baseline reaches at about two thirds of its 
 the baselines only, never on GN. Runs do not get ``target_loss`` in their config: steps-to-target is
 computed from ``metrics.jsonl``, so the target can change without re-running anything.
 
-Paths in the file (``data``, ``valid_data``, ``cache_dir``) are relative to the experiment file's folder.
+Paths in the file (``data``, ``valid_data``, ``cache_dir``, a ``tokenizer`` file) are relative to the
+experiment file's folder.
 The warm-up run uses the data seed ``seed + 1`` (unless ``[warmup]`` sets ``seed``) so that the runs that
 start from it do not see its batches again.
 """
@@ -78,8 +79,8 @@ from gnopt.errors import GnoptError
 
 #: Fields every run must share (they define the data, the model and the evaluation): ``[base]`` only.
 SHARED_FIELDS: frozenset[str] = frozenset(
-    {"data", "valid_data", "tokenizer", "vocab_size", "cache_dir", "preset", "seq_len", "micro_batch_size",
-     "eval_tokens", "seed", "device"}
+    {"data", "valid_data", "tokenizer", "vocab_size", "max_tokens", "cache_dir", "preset", "seq_len",
+     "micro_batch_size", "eval_tokens", "seed", "device"}
 )
 #: Fields the study sets for every run; they may not appear in ``[base]``, ``[warmup]`` or a method table
 #: (``lr`` and ``adam_lr`` are the method's grid, ``batch_tokens`` the warm-up's batch).
@@ -330,8 +331,10 @@ def _check_config_keys(where: str, table: Mapping[str, Any], *, extra_allowed: S
 
 def _resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     out = dict(values)
-    for name in ("data", "valid_data", "cache_dir"):
+    for name in ("data", "valid_data", "cache_dir", "tokenizer"):
         v = out.get(name)
+        if name == "tokenizer" and v in ("bpe", "bytes"):
+            continue
         if isinstance(v, str) and v.strip() and not v.startswith("hf:"):
             p = Path(os.path.expanduser(v))
             out[name] = os.path.abspath(p if p.is_absolute() else folder / p)

@@ -1,0 +1,250 @@
+"""Pretrained tokenizers (a tokenizer.json file, hf:NAME) and streamed, resumable corpora with a token budget.
+
+Everything here is offline: the tokenizers are trained in ``tmp_path``, the "datasets" are local JSON files
+streamed by ``datasets``, and the hub paths are checked to fail cleanly with ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gnopt.data.stream as stream_mod
+from gnopt.cli import main
+from gnopt.data import prepare
+from gnopt.data.tokenizer import PretrainedTokenizer
+from gnopt.errors import GnoptError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the a quick brown fox jumps over lazy dog cat sat on mat while birds sing in green trees".split()
+
+
+def _docs(n: int, seed: int, prefix: str = "") -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [prefix + " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), 12)) + "." for _ in range(n)]
+
+
+def _build_tokenizer(path: Path, vocab_size: int = 300, eos: bool = True) -> Path:
+    """A tiny pretrained-style tokenizer.json: byte-level BPE with a ``</s>`` appended to each document
+    (like T5's post-processor)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"] if eos else [],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_docs(300, 0), trainer=trainer)
+    if eos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def _jsonl(path: Path, docs: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)),
+                    encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ tokenizers
+
+
+def test_pretrained_tokenizer_file_prepares_and_keys_the_cache(tmp_path: Path, corpus: Path) -> None:
+    tok_path = _build_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    cache = tmp_path / "cache"
+    prepared = prepare(str(corpus), str(tok_path), cache_dir=cache)
+    tok = prepared.tokenizer
+    assert isinstance(tok, PretrainedTokenizer) and not prepared.cache_hit
+    assert prepared.vocab_size == 300 and prepared.meta["tokenizer"] == "pretrained"
+    text = corpus.read_text(encoding="utf-8")
+    assert tok.decode(np.concatenate([prepared.train, prepared.valid])) == text  # no </s> inside a corpus
+    assert len(prepared.train) < len(text) / 2  # real merges, not bytes
+
+    # The same tokenizer elsewhere (a folder path) hits the same entry; cached, it is still pretrained.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "tokenizer.json").write_bytes(tok_path.read_bytes())
+    again = prepare(str(corpus), str(copy), cache_dir=cache)
+    assert again.cache_hit and again.path == prepared.path
+    assert isinstance(again.tokenizer, PretrainedTokenizer)
+    # Another tokenizer misses: the key holds the tokenizer's content, not its path.
+    _build_tokenizer(tok_path, vocab_size=280)
+    other = prepare(str(corpus), str(tok_path), cache_dir=cache)
+    assert not other.cache_hit and other.path != prepared.path and other.vocab_size == 280
+
+    # `gnopt train` sizes the model by the tokenizer's vocabulary.
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--preset", "tiny", "--tokenizer", str(tok_path),
+                 "--steps", "2", "--batch-tokens", "256", "--micro-batch-size", "4", "--eval-every", "0",
+                 "--eval-tokens", "512", "--threads", "1", "--quiet", "--out", str(out),
+                 "--cache-dir", str(cache)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["vocab_size"] == 280 and summary["config"]["tokenizer"] == str(tok_path)
+
+
+def test_bad_tokenizers_fail_cleanly_and_write_nothing(tmp_path: Path, corpus: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    cache = tmp_path / "cache"
+    not_tok = tmp_path / "not.json"
+    not_tok.write_text('{"hello": 1}', encoding="utf-8")
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(b"\x00\x01 not json")
+    big = tmp_path / "big.json"
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(70_000)}, unk_token="w0")).save(str(big))
+    cases = [
+        (str(tmp_path / "missing.json"), "unknown tokenizer"),
+        (str(not_tok), "is not a Hugging Face tokenizer.json"),
+        (str(garbage), "is not a Hugging Face tokenizer.json"),
+        (str(big), "70,000 tokens.*at most 65,536"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(GnoptError, match=message):
+            prepare(str(corpus), spec, cache_dir=cache)
+    assert not cache.exists()
+    # The command line: one `gnopt: error:` line, exit 2, no cache folder.
+    assert main(["prepare", "--data", str(corpus), "--tokenizer", str(big), "--cache-dir", str(cache)]) == 2
+    assert main(["train", "--data", str(corpus), "--preset", "tiny", "--tokenizer", str(not_tok),
+                 "--out", str(tmp_path / "run"), "--cache-dir", str(cache)]) == 2
+    assert not cache.exists() and not (tmp_path / "run").exists()
+    # A pretrained tokenizer brings its own vocabulary.
+    with pytest.raises(GnoptError, match="vocab_size=512 cannot be combined"):
+        from gnopt.config import TrainConfig, resolve
+
+        resolve(TrainConfig(tokenizer=str(big), vocab_size=512))
+
+
+def _offline_gnopt(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "GNOPT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, "-m", "gnopt", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_hub_tokenizer_and_dataset_fail_offline_with_one_line(tmp_path: Path, corpus: Path) -> None:
+    """hf:NAME needs the network: offline (HF_HUB_OFFLINE=1, empty Hub cache) it is one clear error line."""
+    tok = _build_tokenizer(tmp_path / "tokenizer.json")
+    runs = [
+        (["prepare", "--data", str(corpus), "--tokenizer", "hf:google-t5/t5-base"],
+         "cannot get tokenizer hf:google-t5/t5-base from the Hugging Face Hub"),
+        (["prepare", "--data", "hf:allenai/c4:en", "--tokenizer", str(tok), "--max-tokens", "1000"],
+         "cannot open Hugging Face dataset 'allenai/c4' (en) for streaming"),
+    ]
+    for args, message in runs:
+        proc = _offline_gnopt(args, tmp_path)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("gnopt: error:")]
+        assert proc.returncode == 2, proc.stderr
+        assert len(errors) == 1 and message in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+
+def test_streamed_budget_and_own_validation_split(tmp_path: Path) -> None:
+    pytest.importorskip("datasets")
+    data = tmp_path / "ds"
+    train_docs, valid_docs = _docs(400, 1), _docs(60, 2, "valid ")
+    _jsonl(data / "train.jsonl", train_docs)
+    _jsonl(data / "validation.jsonl", valid_docs)
+    tok_path = _build_tokenizer(tmp_path / "tokenizer.json")
+    prepared = prepare(f"hf:{data}", str(tok_path), cache_dir=tmp_path / "cache", max_tokens=3000)
+    tok = prepared.tokenizer
+    assert len(prepared.train) == 3000 and prepared.meta["budget_reached"]
+    assert prepared.meta["valid_source"] == "own split"
+    assert len(prepared.valid) == 150  # 5% of the budget
+    # Documents in stream order, each closed by the tokenizer's own </s>.
+    eos = tok._tok.token_to_id("</s>")
+    first = tok.decode(prepared.train[:200]).split("</s>")
+    assert first[0] == train_docs[0] and first[1] == train_docs[1]
+    assert tok.decode(prepared.valid).startswith(valid_docs[0] + "</s>")
+    assert int((np.asarray(prepared.train) == eos).sum()) >= 3000 // 40
+    assert prepare(f"hf:{data}", str(tok_path), cache_dir=tmp_path / "cache", max_tokens=3000).cache_hit
+    # A budget larger than the data: everything, and the entry says so.
+    whole = prepare(f"hf:{data}", "bytes", cache_dir=tmp_path / "cache", max_tokens=10**8)
+    assert not whole.meta["budget_reached"]
+    # Without a document-end token (bytes), documents end in a blank line, as when read whole.
+    assert whole.tokenizer.decode(whole.train) == "".join(d + "\n\n" for d in train_docs)
+    for part in ("train", "valid"):
+        ids = getattr(whole, part)
+        assert whole.meta[f"{part}_bytes"] == len(whole.tokenizer.decode(ids).encode("utf-8"))
+
+
+def test_streamed_without_validation_split_holds_out_first_documents(tmp_path: Path) -> None:
+    pytest.importorskip("datasets")
+    docs = _docs(300, 3)
+    path = _jsonl(tmp_path / "rows.jsonl", docs)
+    prepared = prepare(f"hf:{path}", "bytes", cache_dir=tmp_path / "cache", max_tokens=4000)
+    text_valid = prepared.tokenizer.decode(prepared.valid)
+    assert text_valid.startswith(docs[0]) and len(prepared.valid) >= 200
+    n_valid_docs = text_valid.count(".")
+    assert prepared.tokenizer.decode(prepared.train).startswith(docs[n_valid_docs])
+    assert len(prepared.train) == 4000 and prepared.meta["valid_source"] == "held-out documents"
+    # An explicit validation text is read whole; a gnopt BPE is trained on the start of the stream.
+    valid_txt = tmp_path / "valid.txt"
+    valid_txt.write_text("held out by hand.\n" * 20, encoding="utf-8")
+    explicit = prepare(f"hf:{path}", "bpe", vocab_size=300, cache_dir=tmp_path / "cache", max_tokens=4000,
+                       valid_data=str(valid_txt))
+    assert explicit.meta["valid_source"] == "explicit" and explicit.tokenizer.kind == "bpe"
+    assert explicit.tokenizer.decode(explicit.valid) == valid_txt.read_text(encoding="utf-8")
+    assert explicit.tokenizer.decode(explicit.train).startswith(docs[0] + "\n\n" + docs[1])
+    with pytest.raises(GnoptError, match="max_tokens streams a Hugging Face dataset"):
+        prepare(str(path), "bytes", cache_dir=tmp_path / "cache", max_tokens=4000)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_interrupted_stream_resumes_instead_of_restarting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("datasets")
+    data = tmp_path / "ds"
+    _jsonl(data / "train.jsonl", _docs(1200, 4))
+    _jsonl(data / "validation.jsonl", _docs(100, 5))
+    tok_path = _build_tokenizer(tmp_path / "tokenizer.json")
+    monkeypatch.setattr(stream_mod, "BATCH_DOCS", 50)
+    monkeypatch.setattr(stream_mod, "COMMIT_TOKENS", 1000)
+    budget = 12_000
+    reference = prepare(f"hf:{data}", str(tok_path), cache_dir=tmp_path / "ref", max_tokens=budget)
+
+    real = stream_mod._encode_docs
+    calls: list[int] = []
+    resumed_run: list[bool] = []
+
+    def flaky(tok, docs):  # noqa: ANN001, ANN202
+        calls.append(len(docs))
+        if len(calls) == 6 and not resumed_run:
+            raise _Crash  # as if the process were killed mid-way
+        return real(tok, docs)
+
+    monkeypatch.setattr(stream_mod, "_encode_docs", flaky)
+    cache = tmp_path / "cache"
+    with pytest.raises(_Crash):
+        prepare(f"hf:{data}", str(tok_path), cache_dir=cache, max_tokens=budget)
+    partial = [p for p in (cache / "data").iterdir() if p.name.endswith(".partial")]
+    assert len(partial) == 1 and (partial[0] / "progress.json").is_file()
+    done_before = json.loads((partial[0] / "progress.json").read_text())["train_tokens"]
+    assert 0 < done_before < budget
+    assert not [p for p in (cache / "data").iterdir() if not p.name.startswith(".")]  # nothing published
+
+    calls.clear()
+    resumed_run.append(True)
+    resumed = prepare(f"hf:{data}", str(tok_path), cache_dir=cache, max_tokens=budget)
+    np.testing.assert_array_equal(resumed.train, reference.train)
+    np.testing.assert_array_equal(resumed.valid, reference.valid)
+    docs_resumed = sum(calls)
+    assert docs_resumed < reference.meta["documents"] - done_before // 40  # it did not start over
+    assert not partial[0].exists()
