@@ -24,6 +24,7 @@ from gnopt.config import (
     INNER_OPTIMIZERS,
     LS_SOURCES,
     OPTIMIZERS,
+    PRECISIONS,
     SCHEDULES,
     TOKENIZERS,
     TrainConfig,
@@ -66,6 +67,8 @@ FIELD_HELP: dict[str, str] = {
     "seed": "seed for torch, numpy, random and the batch order",
     "threads": "torch CPU threads (default: every available core)",
     "device": f"one of {', '.join(DEVICES)}",
+    "precision": f"one of {', '.join(PRECISIONS)}: bf16-mixed runs the model's passes under bf16 autocast "
+    "(weights, optimizer states and losses stay float32; on CUDA also TF32 for float32 matmuls)",
     "quiet": "no progress bar and no per-evaluation lines",
     "stop_after": "stop this invocation after step N (checkpointed, continue with --resume)",
     "dist_timeout": "seconds a data-parallel (torchrun) collective waits for the other ranks before failing",

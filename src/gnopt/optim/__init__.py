@@ -17,7 +17,7 @@ Typical use::
 from gnopt.optim.gauss_newton import MODES, GaussNewton, GNStepRecord, conjugate_gradient
 from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain, TorchOptimizer
 from gnopt.optim.line_search import LineSearch
-from gnopt.optim.linearize import jvp, linearized_pass
+from gnopt.optim.linearize import jvp, linearized_pass, model_autocast
 from gnopt.optim.losses import AutogradLoss, LocalLoss, MSELoss, OutputLoss, SoftmaxCrossEntropy
 from gnopt.optim.partition import Partition
 from gnopt.optim.schedules import InnerSchedule, lr_multiplier
@@ -43,4 +43,5 @@ __all__ = [
     "jvp",
     "linearized_pass",
     "lr_multiplier",
+    "model_autocast",
 ]

@@ -39,7 +39,15 @@ from torch import Tensor, nn
 from gnopt.errors import GnoptError
 from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain
 from gnopt.optim.line_search import LineSearch, select
-from gnopt.optim.linearize import call, forward_with_graph, jvp, linearized_pass, pullback
+from gnopt.optim.linearize import (
+    call,
+    check_autocast_dtype,
+    forward_with_graph,
+    jvp,
+    linearized_pass,
+    model_autocast,
+    pullback,
+)
 from gnopt.optim.losses import LocalLoss, OutputLoss
 from gnopt.optim.partition import Partition
 from gnopt.optim.schedules import InnerSchedule
@@ -153,6 +161,10 @@ class GaussNewton:
             has no AVG). It may work in place; its result is used. Each process feeds its shard of
             every micro-batch; inner gradients, GN-vector products, losses and line-search losses are
             averaged with it, so every process takes identical steps. ``None``: single process.
+        autocast_dtype: mixed precision: ``torch.bfloat16`` runs every model pass of :meth:`step` (primal,
+            tangent, pullback, line search) under ``torch.autocast`` and casts the outputs to float32;
+            weights, inner iterates, inner optimizer states, losses, logit gradients and logit HVPs stay
+            float32 (see :mod:`gnopt.optim.linearize`). ``None``: the model runs in its own dtype.
     """
 
     def __init__(
@@ -173,7 +185,9 @@ class GaussNewton:
         ema_decay: float | None = None,
         inner_clip: float | None = 1.0,
         all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         if mode not in MODES:
             raise GnoptError(f"unknown GN mode {mode!r}; choose one of {', '.join(MODES)}")
         if inner_steps < 1:
@@ -225,6 +239,11 @@ class GaussNewton:
 
     # ------------------------------------------------------------------ the outer step
     def step(self, batches: Iterator[Batch]) -> GNStepRecord:
+        """One outer step (under ``autocast_dtype``); see :meth:`_step`."""
+        with model_autocast(self.autocast_dtype):
+            return self._step(batches)
+
+    def _step(self, batches: Iterator[Batch]) -> GNStepRecord:
         """One outer step: N inner micro-batches, then the line search (N more by default)."""
         theta = self._theta()
         rec = GNStepRecord(step=self._t, loss=float("nan"), mode=self.mode, alpha=None, rejected=False,
