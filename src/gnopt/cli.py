@@ -260,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command is None:
             parser.print_help(sys.stderr)
             return 2
+        from gnopt.torch_version import check as check_torch
+
+        check_torch()
         # Data preparation reports progress through `logging` ("data: preparing ..."): show it on stderr.
         logging.basicConfig(level=logging.INFO, format="gnopt: %(message)s", stream=sys.stderr)
         if ns.command == "study":

@@ -14,6 +14,11 @@ Typical use::
         print(record.loss, record.alpha, record.rho)
 """
 
+from gnopt.torch_version import check as _check_torch
+
+_check_torch()  # one clear message on a torch without the APIs used below (hence imports after code)
+
+# ruff: noqa: E402
 from gnopt.optim.gauss_newton import MODES, GaussNewton, GNStepRecord, conjugate_gradient
 from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain, TorchOptimizer
 from gnopt.optim.line_search import LineSearch
