@@ -70,6 +70,8 @@ FIELD_HELP: dict[str, str] = {
     "precision": f"one of {', '.join(PRECISIONS)}: bf16-mixed runs the model's passes under bf16 autocast "
     "(weights, optimizer states and losses stay float32; on CUDA also TF32 for float32 matmuls)",
     "quiet": "no progress bar and no per-evaluation lines",
+    "compile": "torch.compile the model's training forward (baseline optimizers only; not part of the run's "
+    "identity)",
     "stop_after": "stop this invocation after step N (checkpointed, continue with --resume)",
     "dist_timeout": "seconds a data-parallel (torchrun) collective waits for the other ranks before failing",
     "inner_steps": "GN: inner steps N per outer step (sets batch_tokens = N × micro-batch tokens)",

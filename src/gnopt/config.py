@@ -77,7 +77,7 @@ GN_SINGLE_GROUP_INNER_LRS: dict[str, float] = {"adamw": 1e-3, "soap": 3e-3, "sha
 #: fingerprint, so a run may be resumed with another thread count, device, output path or cadence.
 RUN_CONTROL_FIELDS: frozenset[str] = frozenset(
     {"out", "threads", "device", "quiet", "stop_after", "eval_every", "ckpt_every", "cache_dir",
-     "dist_timeout"}
+     "dist_timeout", "compile"}
 )
 
 #: Fields added after runs were already recorded, with the value those runs used. At that value a field is
@@ -129,6 +129,7 @@ class TrainConfig:
     threads: int | None = None  # None = every core this process may use
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16-mixed
+    compile: bool = False  # torch.compile the model's training forward (baselines only)
     quiet: bool = False
     stop_after: int | None = None  # stop this invocation after that step (checkpointed; resume later)
     dist_timeout: float = 300.0  # seconds a data-parallel collective waits for the other ranks (torchrun)
@@ -309,6 +310,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _choice("schedule", cfg.schedule, SCHEDULES)
     _choice("device", cfg.device, DEVICES)
     _choice("precision", cfg.precision, PRECISIONS)
+    if cfg.compile and cfg.optimizer in GN_OPTIMIZERS:
+        raise GnoptError(
+            f"--compile works with the baseline optimizers ({', '.join(BASELINE_OPTIMIZERS)}) only: a "
+            "compiled model does not carry Gauss-Newton's forward-mode (dual-tensor) tangents, so its "
+            f"products would be wrong; drop --compile for --optimizer {cfg.optimizer}."
+        )
     _choice("inner_optimizer", cfg.inner_optimizer, INNER_OPTIMIZERS, "inner optimizer")
     _choice("gn_schedule", cfg.gn_schedule, GN_SCHEDULES, "GN schedule")
     _choice("ls_source", cfg.ls_source, LS_SOURCES, "line-search source")

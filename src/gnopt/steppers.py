@@ -108,6 +108,9 @@ class BaselineStepper:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module) -> None:
         self.model = model
+        # --compile: the training forward goes through torch.compile; ``model`` itself (its parameters and
+        # state dict, evaluation) stays the eager module, so checkpoints do not depend on the flag.
+        self.forward_model: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
         self.n_micro = cfg.n_micro
         self.micro_tokens = cfg.micro_batch_tokens
         self.grad_clip = cfg.grad_clip
@@ -158,7 +161,7 @@ class BaselineStepper:
     def step(self, batches: Iterator[Batch]) -> dict[str, float]:
         self.model.train()
         self.zero_grad()
-        loss_t = accumulate_gradients(self.model, batches, self.n_micro, autocast=self.autocast)
+        loss_t = accumulate_gradients(self.forward_model, batches, self.n_micro, autocast=self.autocast)
         loss = float(self._mean_over_processes(loss_t))
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)

@@ -42,6 +42,7 @@ from gnopt.optim.line_search import LineSearch, select
 from gnopt.optim.linearize import (
     call,
     check_autocast_dtype,
+    check_not_compiled,
     forward_with_graph,
     jvp,
     linearized_pass,
@@ -188,6 +189,7 @@ class GaussNewton:
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.autocast_dtype = check_autocast_dtype(autocast_dtype)
+        check_not_compiled(model)
         if mode not in MODES:
             raise GnoptError(f"unknown GN mode {mode!r}; choose one of {', '.join(MODES)}")
         if inner_steps < 1:
