@@ -41,7 +41,7 @@ from gnopt.optim import (
     TorchOptimizer,
     linearized_pass,
 )
-from gnopt.steppers import lm_loss
+from gnopt.steppers import forward, lm_loss
 
 
 def batches(vocab: int, b: int, t: int, seed: int):
@@ -51,13 +51,14 @@ def batches(vocab: int, b: int, t: int, seed: int):
         yield x[:, :-1], x[:, 1:]
 
 
-def make_gn(model: torch.nn.Module, variant: str, n: int, ls_range: int) -> GaussNewton:
+def make_gn(model: torch.nn.Module, variant: str, n: int, ls_range: int,
+            autocast_dtype: torch.dtype | None = None) -> GaussNewton:
     mode = "prox_linear" if variant == "prox_linear" else "gn"
     partition = "transformer" if variant == "layerwise" else None
     inner = (TorchOptimizer(lambda ps: torch.optim.AdamW(ps, lr=1e-3)) if variant == "gn_adamw_inner"
              else MuonAdamW(lr=0.01, adam_lr=1e-3))
     return GaussNewton(model, SoftmaxCrossEntropy(), inner_steps=n, mode=mode, partition=partition,
-                       inner=inner, line_search=LineSearch(ls_range=ls_range))
+                       inner=inner, line_search=LineSearch(ls_range=ls_range), autocast_dtype=autocast_dtype)
 
 
 def products_step(model: torch.nn.Module, batch, loss: SoftmaxCrossEntropy) -> None:
@@ -69,10 +70,11 @@ def products_step(model: torch.nn.Module, batch, loss: SoftmaxCrossEntropy) -> N
                     cotangent=lambda z0, u: loss.local(z0, y).gn_cotangent(u, terms=False)[0])
 
 
-def adamw_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch) -> None:
+def adamw_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch,
+               autocast: torch.dtype | None = None) -> None:
     x, y = batch
     opt.zero_grad(set_to_none=True)
-    lm_loss(model(x), y).backward()
+    lm_loss(forward(model, x, autocast), y).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 

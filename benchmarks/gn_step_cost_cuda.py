@@ -3,7 +3,9 @@
 The CPU benchmark (``gn_step_cost.py``) splits an outer step into its parts with the optimizer's own
 timers; on a GPU those timers do not synchronize, so this script times whole outer steps between
 ``torch.cuda.synchronize()`` calls instead. For one preset and micro-batch, each variant in turn on a fresh
-model (float32, TF32 matmuls off unless ``--tf32``):
+model (``--precision fp32``: float32, TF32 matmuls off unless ``--tf32``; ``--precision bf16-mixed``: every
+model pass under bf16 autocast, weights, optimizer states and losses in float32, as ``gnopt train
+--precision bf16-mixed`` runs them):
 
 * ``adamw``: one AdamW step (forward + backward + clip + update on one micro-batch) — the unit;
 * ``products``: GN's products alone for one micro-batch (z₀, JΔ, Jᵀ(g + H JΔ); no optimizer update);
@@ -12,10 +14,13 @@ model (float32, TF32 matmuls off unless ``--tf32``):
   per inner step (outer / N), and as a multiple of N AdamW steps (what a baseline does with the same
   training micro-batches);
 
-plus the peak allocated GPU memory of each variant above the weights (``torch.cuda.max_memory_allocated``).
-Results go to ``benchmarks/results/gn_step_cost_cuda.{json,md}``.
+plus the peak allocated GPU memory of each variant above the weights (``torch.cuda.max_memory_allocated``)
+and AdamW's training tokens per second. Results go to ``benchmarks/results/gn_step_cost_cuda.{json,md}``
+(``gn_step_cost_cuda_bf16.{json,md}`` for ``--precision bf16-mixed``).
 
     python benchmarks/gn_step_cost_cuda.py --preset 45m --vocab 32000 --micro-batch 8 --inner-steps 4
+    python benchmarks/gn_step_cost_cuda.py --preset 45m --vocab 32000 --micro-batch 8 --inner-steps 4 \
+        --precision bf16-mixed
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from _common import publish
 from gn_step_cost import adamw_step, batches, make_gn, products_step
 
 from gnopt.model import build_model
-from gnopt.optim import SoftmaxCrossEntropy
+from gnopt.optim import SoftmaxCrossEntropy, model_autocast
+from gnopt.precision import AUTOCAST_DTYPES, bf16_supported
 
 VARIANTS = ("gn", "gn_adamw_inner", "prox_linear", "layerwise")
 
@@ -51,6 +57,7 @@ def _on_device(it: Any, device: torch.device) -> Any:
 
 def measure(variant: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     torch.manual_seed(0)
+    dtype = AUTOCAST_DTYPES[args.precision]
     model = build_model(args.preset, vocab_size=args.vocab, device=device)
     seq = model.config.seq_len
     it = _on_device(batches(args.vocab, args.micro_batch, seq, 0), device)
@@ -62,11 +69,12 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device) -> dic
 
         def one() -> None:
             if variant == "adamw":
-                adamw_step(model, opt, next(it))
+                adamw_step(model, opt, next(it), autocast=dtype)
             else:
-                products_step(model, next(it), ce)
+                with model_autocast(dtype):
+                    products_step(model, next(it), ce)
     else:
-        gn = make_gn(model, variant, args.inner_steps, args.ls_range)
+        gn = make_gn(model, variant, args.inner_steps, args.ls_range, autocast_dtype=dtype)
 
         def one() -> None:
             gn.step(it)
@@ -89,10 +97,16 @@ def main() -> int:
     p.add_argument("--ls-range", type=int, default=5)
     p.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls")
+    p.add_argument("--precision", choices=tuple(AUTOCAST_DTYPES), default="fp32",
+                   help="fp32, or bf16-mixed (bf16 autocast for the model's passes, float32 weights/states)")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("gn_step_cost_cuda: error: no CUDA device (use benchmarks/gn_step_cost.py on a CPU)",
+              file=sys.stderr)
+        return 2
+    if AUTOCAST_DTYPES[args.precision] is not None and not bf16_supported(torch.device("cuda")):
+        print(f"gn_step_cost_cuda: error: --precision {args.precision} needs a bf16 GPU (Ampere or newer)",
               file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -104,31 +118,39 @@ def main() -> int:
         torch.cuda.empty_cache()  # the variant's model and state are gone with measure()'s frame
     unit = res["adamw"]["seconds"]
     n = args.inner_steps
+    seq = build_model(args.preset, vocab_size=args.vocab, device="meta").config.seq_len
     result = {
         "config": vars(args) | {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()},
         "results": res,
         "products_ratio": res["products"]["seconds"] / unit,
+        "adamw_tokens_per_second": args.micro_batch * seq / unit,
         "outer_vs_n_adamw": {v: res[v]["seconds"] / (n * unit) for v in VARIANTS},
         "memory_ratio_working": {v: res[v]["working_mb"] / res["adamw"]["working_mb"] for v in res},
     }
-    publish("gn_step_cost_cuda", result, render, write=not args.no_write)
+    name = "gn_step_cost_cuda" + ("" if args.precision == "fp32" else "_bf16")
+    publish(name, result, render, write=not args.no_write)
     return 0
 
 
 def render(r: dict[str, Any]) -> str:
     c, res = r["config"], r["results"]
+    precision = c.get("precision", "fp32")  # results written before --precision existed are fp32
     n = c["inner_steps"]
     unit = res["adamw"]["seconds"]
+    numerics = "float32" if precision == "fp32" else "bf16 autocast, float32 weights"
+    numerics += " with TF32" if c["tf32"] else ""
+    rate = r.get("adamw_tokens_per_second")
     lines = [
         "# Gauss-Newton outer-step cost and memory on a GPU",
         "",
         f"`python benchmarks/gn_step_cost_cuda.py --preset {c['preset']} --vocab {c['vocab']} --micro-batch "
         f"{c['micro_batch']} --inner-steps {n} --ls-range {c['ls_range']} --repeats {c['repeats']}"
-        + (" --tf32" if c["tf32"] else "") + f"` ({c['gpu']}, torch {c['torch']}, float32"
-        + (" with TF32" if c["tf32"] else "") + "; medians).",
+        + (" --tf32" if c["tf32"] else "") + ("" if precision == "fp32" else f" --precision {precision}")
+        + f"` ({c['gpu']}, torch {c['torch']}, {numerics}; medians).",
         "",
         f"One AdamW step (fwd+bwd+update, {c['micro_batch']} sequences): {unit * 1e3:.1f} ms. "
-        f"GN products alone for one micro-batch: {r['products_ratio']:.2f} × that.",
+        f"GN products alone for one micro-batch: {r['products_ratio']:.2f} × that."
+        + (f" AdamW: {rate:,.0f} tokens/s." if rate is not None else ""),
         "",
         f"| variant | outer step (ms) | per inner step (ms) | × {n} AdamW steps | peak memory above the "
         "weights (MB) | × AdamW |",

@@ -24,6 +24,7 @@ from gnopt.config import (
     INNER_OPTIMIZERS,
     LS_SOURCES,
     OPTIMIZERS,
+    PRECISIONS,
     SCHEDULES,
     TOKENIZERS,
     TrainConfig,
@@ -70,7 +71,11 @@ FIELD_HELP: dict[str, str] = {
     "seed": "seed for torch, numpy, random and the batch order",
     "threads": "torch CPU threads (default: every available core)",
     "device": f"one of {', '.join(DEVICES)}",
+    "precision": f"one of {', '.join(PRECISIONS)}: bf16-mixed runs the model's passes under bf16 autocast "
+    "(weights, optimizer states and losses stay float32; on CUDA also TF32 for float32 matmuls)",
     "quiet": "no progress bar and no per-evaluation lines",
+    "compile": "torch.compile the model's training forward (baseline optimizers only; not part of the run's "
+    "identity)",
     "stop_after": "stop this invocation after step N (checkpointed, continue with --resume)",
     "dist_timeout": "seconds a data-parallel (torchrun) collective waits for the other ranks before failing",
     "inner_steps": "GN: inner steps N per outer step (sets batch_tokens = N × micro-batch tokens)",
@@ -266,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command is None:
             parser.print_help(sys.stderr)
             return 2
+        from gnopt.torch_version import check as check_torch
+
+        check_torch()
         # Data preparation reports progress through `logging` ("data: preparing ..."): show it on stderr.
         logging.basicConfig(level=logging.INFO, format="gnopt: %(message)s", stream=sys.stderr)
         if ns.command == "study":

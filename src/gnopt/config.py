@@ -42,6 +42,9 @@ OPTIMIZERS: tuple[str, ...] = BASELINE_OPTIMIZERS + GN_OPTIMIZERS
 TOKENIZERS: tuple[str, ...] = ("bpe", "bytes")
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
 DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
+#: ``fp32``: everything in float32; ``bf16-mixed``: bf16 autocast for the model's passes, float32 weights,
+#: optimizer states and losses (see :mod:`gnopt.precision`).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed")
 INNER_OPTIMIZERS: tuple[str, ...] = ("muon", "adamw", "soap", "shampoo", "cg")
 GN_SCHEDULES: tuple[str, ...] = (
     "global_cosine",
@@ -75,8 +78,13 @@ GN_SINGLE_GROUP_INNER_LRS: dict[str, float] = {"adamw": 1e-3, "soap": 3e-3, "sha
 #: fingerprint, so a run may be resumed with another thread count, device, output path or cadence.
 RUN_CONTROL_FIELDS: frozenset[str] = frozenset(
     {"out", "threads", "device", "quiet", "stop_after", "eval_every", "ckpt_every", "cache_dir",
-     "dist_timeout"}
+     "dist_timeout", "compile"}
 )
+
+#: Fields added after runs were already recorded, with the value those runs used. At that value a field is
+#: left out of the fingerprint (and an old run's missing key reads as that value), so the runs recorded
+#: before the field existed keep their fingerprint and can still be resumed and skipped by a study.
+ADDED_FIELDS: dict[str, Any] = {"precision": "fp32"}
 
 
 @dataclass
@@ -123,6 +131,8 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # None = every core this process may use
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16-mixed
+    compile: bool = False  # torch.compile the model's training forward (baselines only)
     quiet: bool = False
     stop_after: int | None = None  # stop this invocation after that step (checkpointed; resume later)
     dist_timeout: float = 300.0  # seconds a data-parallel collective waits for the other ranks (torchrun)
@@ -305,6 +315,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _choice("preset", cfg.preset, tuple(presets))
     _choice("schedule", cfg.schedule, SCHEDULES)
     _choice("device", cfg.device, DEVICES)
+    _choice("precision", cfg.precision, PRECISIONS)
+    if cfg.compile and cfg.optimizer in GN_OPTIMIZERS:
+        raise GnoptError(
+            f"--compile works with the baseline optimizers ({', '.join(BASELINE_OPTIMIZERS)}) only: a "
+            "compiled model does not carry Gauss-Newton's forward-mode (dual-tensor) tangents, so its "
+            f"products would be wrong; drop --compile for --optimizer {cfg.optimizer}."
+        )
     _choice("inner_optimizer", cfg.inner_optimizer, INNER_OPTIMIZERS, "inner optimizer")
     _choice("gn_schedule", cfg.gn_schedule, GN_SCHEDULES, "GN schedule")
     _choice("ls_source", cfg.ls_source, LS_SOURCES, "line-search source")
@@ -451,7 +468,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 def fingerprint_fields(cfg: TrainConfig) -> dict[str, Any]:
     """The fields that define what a run computes (everything but :data:`RUN_CONTROL_FIELDS`)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in RUN_CONTROL_FIELDS}
+    return {
+        k: v for k, v in cfg.to_dict().items()
+        if k not in RUN_CONTROL_FIELDS and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])
+    }
 
 
 def fingerprint(cfg: TrainConfig) -> str:
@@ -466,7 +486,8 @@ def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     for key in sorted(set(old) | set(new)):
         if key in RUN_CONTROL_FIELDS:
             continue
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        a = old.get(key, ADDED_FIELDS.get(key, "<absent>"))
+        b = new.get(key, ADDED_FIELDS.get(key, "<absent>"))
         if a != b:
             lines.append(f"{key}: {a!r} -> {b!r}")
     return lines

@@ -28,6 +28,7 @@ from gnopt.optim import (
     SoftmaxCrossEntropy,
     TorchOptimizer,
 )
+from gnopt.precision import autocast_dtype
 
 MODE_OF: dict[str, tuple[str, str | None]] = {
     "gn": ("gn", None),
@@ -92,6 +93,7 @@ def build_gauss_newton(cfg: TrainConfig, model: nn.Module) -> GaussNewton:
         ema_decay=cfg.ema_decay,
         inner_clip=cfg.inner_clip,
         all_reduce_mean=distributed.all_reduce_mean if distributed.world_size() > 1 else None,
+        autocast_dtype=autocast_dtype(cfg.precision),
     )
 
 

@@ -19,6 +19,7 @@ Contract (see docs/architecture.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from gnopt import distributed
 from gnopt.baselines import build_baseline_optimizers, build_schedulers
 from gnopt.config import BASELINE_OPTIMIZERS, GN_OPTIMIZERS, TrainConfig
 from gnopt.errors import GnoptError
+from gnopt.precision import autocast_dtype
 
 Batch = tuple[Tensor, Tensor]
 
@@ -58,13 +60,23 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets.reshape(-1))
 
 
-def accumulate_gradients(model: nn.Module, batches: Iterator[Batch], n_micro: int) -> Tensor:
+def forward(model: nn.Module, x: Tensor, autocast: torch.dtype | None = None) -> Tensor:
+    """``model(x)``, under ``torch.autocast(autocast)`` when given (mixed precision; weights unchanged)."""
+    ctx = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with ctx:
+        return model(x)
+
+
+def accumulate_gradients(
+    model: nn.Module, batches: Iterator[Batch], n_micro: int, *, autocast: torch.dtype | None = None
+) -> Tensor:
     """Forward/backward ``n_micro`` micro-batches, accumulating the gradient of their *mean* loss.
 
     Each micro-batch loss is a token mean and all micro-batches have the same number of tokens, so scaling
     each by ``1/n_micro`` makes the accumulated gradient equal the gradient of the loss over the whole
     batch (one big batch, up to float summation order). Returns the mean loss (a detached 0-d tensor, so
-    the caller syncs with the device once, not per micro-batch).
+    the caller syncs with the device once, not per micro-batch). With ``autocast`` the forward runs under
+    autocast (the backward follows its dtypes); the loss is computed in float32 (:func:`lm_loss`).
     """
     total: Tensor | None = None
     scale = 1.0 / n_micro
@@ -73,7 +85,7 @@ def accumulate_gradients(model: nn.Module, batches: Iterator[Batch], n_micro: in
             x, y = next(batches)
         except StopIteration:
             raise GnoptError("the batch iterator ran dry in the middle of a step.") from None
-        loss = lm_loss(model(x), y)
+        loss = lm_loss(forward(model, x, autocast), y)
         (loss * scale).backward()
         value = loss.detach().to(torch.float64)
         total = value if total is None else total + value
@@ -96,10 +108,14 @@ class BaselineStepper:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module) -> None:
         self.model = model
+        # --compile: the training forward goes through torch.compile; ``model`` itself (its parameters and
+        # state dict, evaluation) stays the eager module, so checkpoints do not depend on the flag.
+        self.forward_model: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
         self.n_micro = cfg.n_micro
         self.micro_tokens = cfg.micro_batch_tokens
         self.grad_clip = cfg.grad_clip
         self.skip_nonfinite = cfg.skip_nonfinite
+        self.autocast = autocast_dtype(cfg.precision)
         labelled = build_baseline_optimizers(cfg, model)
         self.labels = [label for label, _ in labelled]
         self.optimizers = [opt for _, opt in labelled]
@@ -145,7 +161,7 @@ class BaselineStepper:
     def step(self, batches: Iterator[Batch]) -> dict[str, float]:
         self.model.train()
         self.zero_grad()
-        loss_t = accumulate_gradients(self.model, batches, self.n_micro)
+        loss_t = accumulate_gradients(self.forward_model, batches, self.n_micro, autocast=self.autocast)
         loss = float(self._mean_over_processes(loss_t))
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)

@@ -66,7 +66,8 @@ from gnopt.checkpoint import (
 from gnopt.config import TrainConfig, fingerprint, fingerprint_diff, fingerprint_fields, resolve
 from gnopt.errors import GnoptError
 from gnopt.lock import FolderLock
-from gnopt.steppers import Stepper, build_stepper, lm_loss
+from gnopt.precision import autocast_dtype, check_supported, matmul_precision
+from gnopt.steppers import Stepper, build_stepper, forward, lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,12 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
+def evaluate(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, autocast: torch.dtype | None = None
+) -> float:
     """Token-mean cross-entropy over the fixed validation batches (all of equal size).
+
+    ``autocast``: run the model under ``torch.autocast`` with that dtype (the loss stays float32).
 
     Under data parallelism each process evaluates its shard of every batch (or, for a batch whose rows do
     not split evenly, every K-th whole batch) and the sums are added over the processes, so every process
@@ -157,7 +162,7 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
                 x, y = distributed.shard((x, y))
             elif i % k != r:
                 continue
-        loss = lm_loss(model(x), y)
+        loss = lm_loss(forward(model, x, autocast), y)
         total += loss.double().cpu() * y.numel()
         count += y.numel()
     model.train(was_training)
@@ -486,7 +491,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     """
     cfg = resolve(cfg)
     device = distributed.device_for(resolve_device(cfg.device))
-    with distributed.session(cfg.dist_timeout, device), contextlib.ExitStack() as held:
+    check_supported(cfg.precision, device)
+    with (distributed.session(cfg.dist_timeout, device), matmul_precision(cfg.precision, device),
+          contextlib.ExitStack() as held):
         return _train(cfg, device, resume=resume, overwrite=overwrite, stop=stop, held=held)
 
 
@@ -604,7 +611,7 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
 
     def do_eval() -> float:
         with _eval_context(stepper):
-            val = evaluate(model, val_batches)
+            val = evaluate(model, val_batches, autocast=autocast_dtype(cfg.precision))
         write_line({"type": "eval", "step": run.step, "tokens": run.tokens, "val_loss": val})
         if run.initial_val_loss is None:
             run.initial_val_loss = val

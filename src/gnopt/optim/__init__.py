@@ -14,10 +14,15 @@ Typical use::
         print(record.loss, record.alpha, record.rho)
 """
 
+from gnopt.torch_version import check as _check_torch
+
+_check_torch()  # one clear message on a torch without the APIs used below (hence imports after code)
+
+# ruff: noqa: E402
 from gnopt.optim.gauss_newton import MODES, GaussNewton, GNStepRecord, conjugate_gradient
 from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain, TorchOptimizer
 from gnopt.optim.line_search import LineSearch
-from gnopt.optim.linearize import jvp, linearized_pass
+from gnopt.optim.linearize import jvp, linearized_pass, model_autocast
 from gnopt.optim.losses import AutogradLoss, LocalLoss, MSELoss, OutputLoss, SoftmaxCrossEntropy
 from gnopt.optim.partition import Partition
 from gnopt.optim.schedules import InnerSchedule, lr_multiplier
@@ -43,4 +48,5 @@ __all__ = [
     "jvp",
     "linearized_pass",
     "lr_multiplier",
+    "model_autocast",
 ]

@@ -47,11 +47,14 @@ from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain
 from gnopt.optim.line_search import LineSearch, first_decrease, model_alpha, select
 from gnopt.optim.linearize import (
     call,
+    check_autocast_dtype,
+    check_not_compiled,
     forward_with_graph,
     forward_with_graph_and_tangent,
     has_tangent_forward,
     jvp,
     linearized_pass,
+    model_autocast,
     pullback,
 )
 from gnopt.optim.losses import LocalLoss, OutputLoss
@@ -176,6 +179,10 @@ class GaussNewton:
             has no AVG). It may work in place; its result is used. Each process feeds its shard of
             every micro-batch; inner gradients, GN-vector products, losses and line-search losses are
             averaged with it, so every process takes identical steps. ``None``: single process.
+        autocast_dtype: mixed precision: ``torch.bfloat16`` runs every model pass of :meth:`step` (primal,
+            tangent, pullback, line search) under ``torch.autocast`` and casts the outputs to float32;
+            weights, inner iterates, inner optimizer states, losses, logit gradients and logit HVPs stay
+            float32 (see :mod:`gnopt.optim.linearize`). ``None``: the model runs in its own dtype.
     """
 
     def __init__(
@@ -197,7 +204,10 @@ class GaussNewton:
         ema_decay: float | None = None,
         inner_clip: float | None = 1.0,
         all_reduce_mean: Callable[[Tensor], Tensor] | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
+        check_not_compiled(model)
         if mode not in MODES:
             raise GnoptError(f"unknown GN mode {mode!r}; choose one of {', '.join(MODES)}")
         if inner_steps < 1:
@@ -252,6 +262,11 @@ class GaussNewton:
 
     # ------------------------------------------------------------------ the outer step
     def step(self, batches: Iterator[Batch]) -> GNStepRecord:
+        """One outer step (under ``autocast_dtype``); see :meth:`_step`."""
+        with model_autocast(self.autocast_dtype):
+            return self._step(batches)
+
+    def _step(self, batches: Iterator[Batch]) -> GNStepRecord:
         """One outer step: N inner micro-batches, then the line search (N more by default)."""
         theta = self._theta()
         rec = GNStepRecord(step=self._t, loss=float("nan"), mode=self.mode, alpha=None, rejected=False,

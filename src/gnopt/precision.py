@@ -1,0 +1,80 @@
+"""``--precision``: what ``fp32`` and ``bf16-mixed`` mean for a training run (harness side).
+
+``bf16-mixed`` is mixed precision in the usual sense, for every optimizer:
+
+* the model's passes run under ``torch.autocast(dtype=torch.bfloat16)``: baselines' forward (and so the
+  backward), evaluation, and every pass of Gauss-Newton (primal, forward-mode tangent, pullback, line
+  search: :class:`gnopt.optim.GaussNewton` takes ``autocast_dtype`` itself, see
+  :mod:`gnopt.optim.linearize`);
+* the weights stay float32 (master weights), and so do optimizer and inner-loop states;
+* logits are cast to float32 before the loss, so the loss, the logit gradient and the logit
+  Hessian-vector products of GN are float32.
+
+TF32: with ``bf16-mixed`` on CUDA the float32 matmuls that remain outside autocast (optimizer-side ones:
+Shampoo/SOAP preconditioners, Muon's orthogonalisation where it is not bf16 already) may use TF32
+(``torch.set_float32_matmul_precision("high")``): they feed an update that the model's bf16 passes already
+perturb more. ``fp32`` keeps TF32 off: it is the reference precision, and GN's line search and model
+decrease ρ compare losses that differ in their fourth digit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from gnopt.errors import GnoptError
+
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16-mixed": torch.bfloat16}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (``None``: no autocast)."""
+    try:
+        return AUTOCAST_DTYPES[precision]
+    except KeyError:
+        raise GnoptError(
+            f"unknown precision {precision!r}; valid precisions: {', '.join(AUTOCAST_DTYPES)}."
+        ) from None
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 autocast natively (CUDA: compute capability 8.0+, Ampere or newer)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu"
+
+
+def check_supported(precision: str, device: torch.device) -> None:
+    """A :class:`GnoptError` when ``device`` cannot run ``precision`` (checked before anything is written)."""
+    if autocast_dtype(precision) is not None and not bf16_supported(device):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise GnoptError(
+            f"--precision {precision} needs bf16 support, which device {device} ({name}) lacks; "
+            "use --precision fp32."
+        )
+
+
+def model_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """The context the model's forward runs in: ``torch.autocast`` for ``bf16-mixed``, else nothing."""
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """TF32 for float32 matmuls on CUDA under ``bf16-mixed`` (see the module docstring); restored after."""
+    if device.type != "cuda" or autocast_dtype(precision) is None:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
