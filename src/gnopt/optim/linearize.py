@@ -204,7 +204,8 @@ def forward_with_graph_and_tangent(
         stack.enter_context(torch.enable_grad())
         if dtype is not None:  # as in :func:`call`: bf16 matmuls inside, float32 outputs
             first = next(iter(merged.values()), None)
-            stack.enter_context(torch.autocast(first.device.type if first is not None else "cpu", dtype=dtype))
+            device_type = first.device.type if first is not None else "cpu"
+            stack.enter_context(torch.autocast(device_type, dtype=dtype))
         z, u = model.forward_with_tangent(merged, inputs, tan)  # type: ignore[operator]
     if dtype is not None:
         z, u = _to_float32(z), _to_float32(u)
