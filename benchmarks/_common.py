@@ -20,6 +20,19 @@ def status_mb(key: str) -> float:
     return float("nan")
 
 
+def cpu_name() -> str:
+    """The CPU model and whether it has native bf16 (``avx512_bf16``/``amx_bf16``: torch Muon's
+    Newton-Schulz runs in bf16), from ``/proc/cpuinfo``."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU"
+    names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
+    model = names[0] if names else "CPU"
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in info]
+    return f"{model}, {'+'.join(bf16) if bf16 else 'no native bf16'}"
+
+
 def publish(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str], *,
             write: bool = True) -> str:
     """Render ``result`` as markdown and print it; with ``write``, also save it as

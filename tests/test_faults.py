@@ -218,14 +218,17 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[n], b[n]) for n in a)
 
 
-@pytest.mark.parametrize("optimizer", ["gn", "gn-prox-linear"])
+@pytest.mark.parametrize("optimizer,ls_kind", [("gn", "grid"), ("gn-prox-linear", "grid"), ("gn", "model")])
 def test_gn_nonfinite_inner_step_and_line_search_never_corrupt_theta(
         corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        optimizer: str) -> None:
-    # N = 2 inner + 2 line-search micro-batches per step: step s draws 4s .. 4s+3 (0-based s).
-    snaps = poison(monkeypatch, bad={1, 6})  # step 1: 2nd inner micro-batch; step 2: 1st line-search one
+        optimizer: str, ls_kind: str) -> None:
+    # grid: N = 2 inner + 2 line-search micro-batches per step, step s draws 4s .. 4s+3 (0-based s);
+    # model: 2 inner + ⌈2/8⌉ = 1 line-search micro-batch, step s draws 3s .. 3s+2.
+    # Step 1: its 2nd inner micro-batch is bad; step 2: its 1st line-search one.
+    snaps = poison(monkeypatch, bad={1, 6} if ls_kind == "grid" else {1, 5})
     out = tmp_path / "run"
-    args = gn_args(corpus, out, "--optimizer", optimizer, "--steps", "4", "--ckpt-every", "0")
+    args = gn_args(corpus, out, "--optimizer", optimizer, "--steps", "4", "--ckpt-every", "0",
+                   "--ls-kind", ls_kind)
     args.remove("--quiet")
     assert main(args) == 0
     printed = capsys.readouterr().out

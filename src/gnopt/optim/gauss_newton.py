@@ -253,8 +253,6 @@ class GaussNewton:
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self._blocks = [_Block(label, names) for label, names in zip(part.labels, part.blocks, strict=True)]
         self._names = [n for blk in self._blocks for n in blk.names]
-        # Full GN on a model that computes JΔ beside its primal pass: one primal forward per inner step.
-        self._fused_tangent = len(self._blocks) == 1 and has_tangent_forward(model)
         for blk in self._blocks:
             self._reset_block(blk, fresh_optimizer=True)
         self._t = 0
@@ -315,6 +313,8 @@ class GaussNewton:
         losses: list[float] = []
         block_seconds = [0.0] * len(self._blocks)
         shared_seconds = 0.0
+        # Full GN on a model that computes JΔ beside its primal pass: one primal forward per inner step.
+        fused_tangent = len(self._blocks) == 1 and has_tangent_forward(self.model)
         for i in range(self.inner_steps):
             x, y = kept[i] if kept is not None else self._next(batches)
             rec.train_micro_batches += 1
@@ -326,7 +326,7 @@ class GaussNewton:
             # One primal forward with a reverse graph, shared by every block: all are linearized at θ_t.
             # Full GN on a model with a one-pass tangent forward gets u = JΔ from that same pass.
             u: Tensor | None = None
-            if self._fused_tangent and not self._blocks[0].at_origin:
+            if fused_tangent and not self._blocks[0].at_origin:
                 blk0 = self._blocks[0]
                 delta0 = {n: blk0.theta_hat[n].detach() - theta[n] for n in blk0.names}
                 z, leaves, u = forward_with_graph_and_tangent(self.model, theta, x, self._names, delta0)

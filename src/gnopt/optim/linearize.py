@@ -179,8 +179,16 @@ def linearized_pass(
 
 
 def has_tangent_forward(model: nn.Module) -> bool:
-    """Whether ``model`` has a one-pass ``forward_with_tangent(params, inputs, tangent) -> (z, J Δ)``."""
-    return callable(getattr(model, "forward_with_tangent", None))
+    """Whether ``model`` has a one-pass ``forward_with_tangent(params, inputs, tangent) -> (z, J Δ)`` that
+    may be used: it bypasses the modules' ``forward``, so a model with forward hooks (on any submodule, or
+    global ones) takes the generic path, which runs them."""
+    if not callable(getattr(model, "forward_with_tangent", None)):
+        return False
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def forward_with_graph_and_tangent(
