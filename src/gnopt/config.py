@@ -84,7 +84,15 @@ RUN_CONTROL_FIELDS: frozenset[str] = frozenset(
 #: Fields added after runs were already recorded, with the value those runs used. At that value a field is
 #: left out of the fingerprint (and an old run's missing key reads as that value), so the runs recorded
 #: before the field existed keep their fingerprint and can still be resumed and skipped by a study.
-ADDED_FIELDS: dict[str, Any] = {"precision": "fp32"}
+ADDED_FIELDS: dict[str, Any] = {
+    "precision": "fp32",
+    "max_tokens": None,
+    # GN's fast path: an older run read the paper's line search and warm start (so resuming it under the new
+    # defaults is reported as a change; `--ls-kind grid --no-warm-scale` resumes it as it was).
+    "ls_kind": "grid",
+    "ls_fraction": 0.125,
+    "warm_scale": False,
+}
 
 
 @dataclass
