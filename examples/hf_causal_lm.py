@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         inner_steps=args.inner_steps,
         inner=MuonAdamW(lr=0.02, adam_lr=3e-3),
         partition=transformer_partition(model) if args.layerwise else None,
-        line_search=LineSearch(ls_range=5),
+        line_search=LineSearch(),  # the model search; LineSearch.paper() is the paper's grid
         schedule=InnerSchedule("constant_with_inner_cosine", total_outer_steps=args.steps,
                                inner_steps=args.inner_steps),
         autocast_dtype=torch.bfloat16 if args.precision == "bf16-mixed" else None,

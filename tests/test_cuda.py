@@ -62,7 +62,7 @@ def test_gn_steps_on_cuda_equal_the_cpu_path_in_float64(case_name: str, mode: st
         return GaussNewton(
             model, case.loss, inner_steps=2, mode=mode, partition=partition,
             inner=TorchOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.5)), inner_clip=None,
-            line_search=LineSearch(ls_range=6, source="inner"),
+            line_search=LineSearch(kind="grid", ls_range=6, source="inner"),
             schedule=InnerSchedule("constant_with_inner_cosine", total_outer_steps=3, inner_steps=2,
                                    min_ratio=0.5),
         )
@@ -92,7 +92,7 @@ def test_default_gn_on_the_llama_model_on_cuda() -> None:
     def make(model: nn.Module) -> GaussNewton:
         return GaussNewton(model, SoftmaxCrossEntropy(), inner_steps=4,
                            inner=MuonAdamW(lr=0.02, adam_lr=1e-3),
-                           line_search=LineSearch(ls_range=5, source="inner"))
+                           line_search=LineSearch(kind="grid", ls_range=5, source="inner"))
 
     gn_cpu, gn_gpu = make(cpu_model), make(gpu_model)
     for t in range(2):
@@ -163,7 +163,8 @@ def test_gn_direction_under_bf16_on_cuda_agrees_with_float32(mode: str, partitio
         model = copy.deepcopy(base)
         gn = GaussNewton(model, SoftmaxCrossEntropy(), inner_steps=4, mode=mode, partition=partition,
                          inner=TorchOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.5)), inner_clip=None,
-                         line_search=LineSearch(ls_range=2, source="inner"), autocast_dtype=dtype)
+                         line_search=LineSearch(kind="grid", ls_range=2, source="inner"),
+                         autocast_dtype=dtype)
         theta = {n: p.detach().clone() for n, p in model.named_parameters()}
         gn.step(iter(batches))
         assert all(p.dtype == torch.float32 for p in model.parameters())

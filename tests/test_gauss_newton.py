@@ -112,8 +112,9 @@ def test_inner_sgd_iterates_equal_dense_reference(
                       min_ratio=0.5)
         if cosine else InnerSchedule("constant")
     )
-    ls = LineSearch(ls_range=6, source="inner")
+    ls = LineSearch(kind="grid", ls_range=6, source="inner")
     gn = GaussNewton(model, case.loss, inner_steps=n_inner, mode=mode, inner=sgd(eta), inner_clip=None,
+                     warm_scale=False,
                      line_search=ls, schedule=schedule, damping=damping, prox=prox)
     reg = damping + prox
     theta_hat_prev: Tensor | None = None
@@ -182,7 +183,8 @@ def test_layerwise_sgd_inner_is_jacobi_on_block_quadratics(case_name: str) -> No
     assert [n for blk in partition.blocks for n in blk] == names  # contiguous slices of the flat vector
     batch = case.make_batch(torch.Generator().manual_seed(12))
     gn = GaussNewton(model, case.loss, inner_steps=2, inner=sgd(eta), inner_clip=None, partition=partition,
-                     line_search=LineSearch(ls_range=6, source="inner"))
+                     warm_scale=False,
+                     line_search=LineSearch(kind="grid", ls_range=6, source="inner"))
     theta_hat_prev: Tensor | None = None
     for t in range(2):
         theta_t = theta_flat(model)
@@ -213,7 +215,8 @@ def test_layerwise_sgd_inner_is_jacobi_on_block_quadratics(case_name: str) -> No
 def _cg_gn(model: nn.Module, loss, n_inner: int, damping: float, partition=None) -> GaussNewton:
     return GaussNewton(
         model, loss, inner_steps=n_inner, inner=CG(tol=1e-12, max_iters=200), damping=damping,
-        line_search=LineSearch(ls_range=1, source="inner", model_decrease=False), partition=partition,
+        line_search=LineSearch(kind="grid", ls_range=1, source="inner", model_decrease=False),
+        partition=partition,
     )
 
 
@@ -319,7 +322,7 @@ def test_adaptive_damping_follows_rho_and_feeds_the_solve() -> None:
     gen = torch.Generator().manual_seed(23)
     lam = 0.05
     gn = GaussNewton(model, case.loss, inner_steps=1, inner=CG(tol=1e-12, max_iters=200), damping=lam,
-                     adapt_damping=True, line_search=LineSearch(ls_range=3, source="inner"))
+                     adapt_damping=True, line_search=LineSearch(kind="grid", ls_range=3, source="inner"))
     seen = set()
     for _ in range(3):
         b = case.make_batch(gen)
@@ -371,7 +374,7 @@ def test_configuration_errors_are_gnopt_errors() -> None:
         (dict(ema_decay=1.0), "ema_decay must lie in"),
         (dict(mode="prox_linear", inner=CG()), "CG inner solver solves the quadratic"),
         (dict(adapt_damping=True), "adapt_damping needs a positive initial damping"),
-        (dict(adapt_damping=True, damping=0.1, line_search=LineSearch(model_decrease=False)),
+        (dict(adapt_damping=True, damping=0.1, line_search=LineSearch(kind="grid", model_decrease=False)),
          "model_decrease=True"),
         (dict(partition="rows"), "partition must be None"),
     ]
@@ -472,7 +475,7 @@ def test_line_search_takes_interior_argmin_on_fresh_batches() -> None:
     # Random labels do not generalize: the "fresh" line-search draws reuse the inner data, weighted
     # differently (b0 twice), so the brute force must use exactly the three batches after the inner ones.
     ls_b = [inner_b[0], inner_b[1], inner_b[0]]
-    ls = LineSearch(ls_range=8, source="fresh", num_batches=3)
+    ls = LineSearch(kind="grid", ls_range=8, source="fresh", num_batches=3)
     gn = GaussNewton(model, case.loss, inner_steps=2, inner=sgd(3.0), inner_clip=None, line_search=ls)
     theta0 = theta_flat(model)
     params0 = unflat(theta0, params_of(model), names)
@@ -518,7 +521,7 @@ def test_line_search_never_takes_a_nonfinite_candidate(bad: float) -> None:
     X, Y = _linear_data(torch.Generator().manual_seed(53))
     star = _lstsq(X, Y)
     model = GuardedLinear(limit=0.6 * float(star.norm()), bad=bad)
-    ls = LineSearch(ls_range=3, source="inner")
+    ls = LineSearch(kind="grid", ls_range=3, source="inner")
     gn = GaussNewton(model, MSELoss(), inner_steps=1, inner=CG(tol=1e-12, max_iters=50), line_search=ls)
     rec = gn.step(iter([(X, Y)]))
     alphas = ls.alphas()
@@ -539,7 +542,7 @@ def test_line_search_rejects_when_no_candidate_is_finite() -> None:
         with torch.no_grad():  # start away from 0 (inside the safe ball) so "unchanged" is not trivial
             model.bias.fill_(0.01)
         theta0 = theta_flat(model)
-        ls = LineSearch(ls_range=3, source="inner", include_zero=include_zero)
+        ls = LineSearch(kind="grid", ls_range=3, source="inner", include_zero=include_zero)
         gn = GaussNewton(model, MSELoss(), inner_steps=1, inner=sgd(0.5, momentum=0.9), inner_clip=None,
                          line_search=ls)
         rec = gn.step(iter([(X, Y)]))
@@ -570,7 +573,8 @@ def test_include_zero_and_reset_below() -> None:
         names = names_of(model)
         theta0 = theta_flat(model)
         params0 = params_of(model)
-        ls = LineSearch(ls_range=3, source="inner", include_zero=include_zero, reset_below=reset_below)
+        ls = LineSearch(kind="grid", ls_range=3, source="inner", include_zero=include_zero,
+                        reset_below=reset_below)
         gn = GaussNewton(model, MSELoss(), inner_steps=1, inner=sgd(eta, momentum=0.9), inner_clip=None,
                          line_search=ls)
         rec = gn.step(iter([(X, Y)]))
@@ -653,7 +657,7 @@ def test_nonfinite_micro_batch_leaves_muon_adamw_state_untouched() -> None:
             seq += [b1, bad, b2, l1, l2] if with_nan else [b1, b2, l1, l2]
         gn = GaussNewton(model, case.loss, inner_steps=3 if with_nan else 2,
                          inner=MuonAdamW(lr=0.02, adam_lr=0.01), schedule=InnerSchedule("constant"),
-                         line_search=LineSearch(ls_range=4, num_batches=2))
+                         line_search=LineSearch(kind="grid", ls_range=4, num_batches=2))
         it = iter(seq)
         recs = [gn.step(it) for _ in range(2)]
         assert [r.inner_nonfinite for r in recs] == ([1, 1] if with_nan else [0, 0])
@@ -703,7 +707,7 @@ def test_all_ignored_line_search_batch_does_not_reject_the_step() -> None:
     inner_b = [case.make_batch(gen) for _ in range(2)]
     x, y = case.make_batch(gen)
     empty = (x, torch.full_like(y, -100))
-    ls = LineSearch(ls_range=5, source="fresh", num_batches=2)
+    ls = LineSearch(kind="grid", ls_range=5, source="fresh", num_batches=2)
     gn = GaussNewton(model, case.loss, inner_steps=2, inner=sgd(3.0), inner_clip=None, line_search=ls)
     theta0 = theta_flat(model)
     params0 = unflat(theta0, params_of(model), names)
@@ -727,7 +731,7 @@ def _make_gn(model: nn.Module, config: dict) -> GaussNewton:
     if kw.get("partition") == "two":
         kw["partition"] = Partition.from_groups(model, [r"^(tok_emb|blocks\.0)\.", r"."])
     return GaussNewton(model, SoftmaxCrossEntropy(), inner_steps=2, warm_start=True,
-                       line_search=LineSearch(ls_range=4), **kw)
+                       line_search=LineSearch(kind="grid", ls_range=4), **kw)
 
 
 def _run_and_snapshot(config: str):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from gnopt.errors import GnoptError
 from gnopt.optim import CG, GaussNewton, LineSearch, MSELoss, Partition
-from gnopt.optim.line_search import first_decrease, model_alpha
+from gnopt.optim.line_search import first_decrease, interpolated_alpha, model_alpha
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,6 +60,24 @@ def test_model_alpha_is_the_clipped_minimizer_of_the_quadratic() -> None:
     for slope, curvature in ((nan, 1.0), (-1.0, nan), (-inf, 1.0), (-1.0, inf)):
         assert model_alpha(slope, curvature, 0.2) == 0.2
     assert model_alpha(-1.0, 4.0, 0.0, 1.0) == 0.25 and model_alpha(1.0, 4.0, 0.0) == 0.0  # warm scale
+
+
+def test_interpolated_alpha_fits_the_true_loss_parabola() -> None:
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(30):  # an exact parabola L(α) = L0 + s α + c α²/2 is recovered from L0, s and L(a)
+        l0, slope = float(torch.rand(()) * 3), -float(torch.rand((), generator=gen)) - 0.01
+        c = float(torch.rand((), generator=gen)) * 4 + 0.5
+        a = float(torch.rand((), generator=gen)) * 0.9 + 0.1
+        la = l0 + slope * a + 0.5 * c * a * a
+        assert interpolated_alpha(l0, slope, a, la, 0.0) == pytest.approx(min(-slope / c, 1.0), rel=1e-9)
+    assert interpolated_alpha(1.0, -1.0, 1.0, 0.8, 0.1) == pytest.approx(0.625)  # the model overshot
+    assert interpolated_alpha(1.0, -1.0, 1.0, 0.5, 0.1) == 1.0  # the model was right
+    assert interpolated_alpha(1.0, -1.0, 0.5, 0.4, 0.1) == 1.0  # concave along d: the largest step
+    assert interpolated_alpha(1.0, -1.0, 1.0, 50.0, 0.1) == 0.1  # a blow-up: the floor (then halvings)
+    nan = float("nan")
+    for args in ((nan, -1.0, 1.0, 0.5), (1.0, nan, 1.0, 0.5), (1.0, -1.0, 1.0, nan), (1.0, 0.0, 1.0, 0.5),
+                 (1.0, 1.0, 1.0, 0.5), (1.0, -1.0, 0.0, 0.5)):
+        assert interpolated_alpha(*args, alpha_min=0.1) is None
 
 
 def test_first_decrease_takes_the_first_finite_decrease() -> None:
@@ -96,7 +114,8 @@ def test_line_search_settings() -> None:
 @pytest.mark.parametrize("case_name", ["mlp_ce_masked", "llama_ce_masked"])
 def test_model_line_search_equals_dense_reference(case_name: str) -> None:
     """α_q = −gᵀJd / dᵀGd from dense J and H on the fresh line-search batches, clipped to [α_min, 1]; the
-    true loss there by brute force; the first candidate (α_q, α_q/2, …) below L(θ_t) is taken."""
+    true loss there by brute force; α_i = the minimizer of the parabola through L(0), the exact slope gᵀJd
+    and L(α_q); the better of the two is taken (both lower the loss here)."""
     case = CASES[case_name]
     model = case.make_model(0)
     names = names_of(model)
@@ -117,17 +136,25 @@ def test_model_line_search_equals_dense_reference(case_name: str) -> None:
     curvature = sum(float((D.J @ d) @ (D.H @ (D.J @ d))) for D in Ds) / 3
     alpha_q = min(max(-slope / curvature, 0.01), 1.0)
     l0 = sum(D.loss for D in Ds) / 3
+
+    def brute(a: float) -> float:
+        return loss_at(case, model, unflat(theta0 + a * d, params0, names), ls_b)
+
     assert rec.ls_kind == "model" and rec.ls_micro_batches == 3
     assert rec.ls_loss_at_theta == pytest.approx(l0, rel=1e-12)
     assert rec.alphas[0] == pytest.approx(alpha_q, rel=1e-9)
     assert 0.01 < rec.alphas[0] < 1.0, "tune eta: the model's α should be interior"
-    for k, a in enumerate(rec.alphas):
-        if a > 0:
-            assert a == pytest.approx(alpha_q / 2**k, rel=1e-9)
-            brute = loss_at(case, model, unflat(theta0 + a * d, params0, names), ls_b)
-            assert rec.ls_losses[k] == pytest.approx(brute, rel=1e-12)
-    k = next(k for k, v in enumerate(rec.ls_losses) if v < l0)
-    assert k == len(rec.alphas) - 1 and rec.alpha == rec.alphas[k]
+    lq = brute(alpha_q)
+    c = 2 * (lq - l0 - alpha_q * slope) / alpha_q**2  # the true loss's parabola along d
+    alpha_i = min(max(-slope / c, 0.01), 1.0)
+    if abs(alpha_i - alpha_q) > 0.1 * alpha_q:  # the correction is evaluated too
+        assert len(rec.alphas) == 2 and rec.alphas[1] == pytest.approx(alpha_i, rel=1e-8)
+        assert rec.ls_losses == [pytest.approx(lq, rel=1e-12), pytest.approx(brute(rec.alphas[1]), rel=1e-12)]
+    else:  # α_q was close enough: one forward per batch
+        assert len(rec.alphas) == 1 and rec.ls_losses == [pytest.approx(lq, rel=1e-12)]
+    assert len(rec.alphas) == (2 if case_name == "llama_ce_masked" else 1)  # both paths are exercised
+    k = min(range(len(rec.alphas)), key=lambda j: rec.ls_losses[j])
+    assert rec.ls_losses[k] < l0 and rec.alpha == rec.alphas[k]
     assert rel_err(theta_flat(model), theta0 + rec.alpha * d) < 1e-13
     pred = -(rec.alpha * slope + 0.5 * rec.alpha**2 * curvature)
     assert rec.predicted_decrease == pytest.approx(pred, rel=1e-9)
@@ -205,7 +232,7 @@ def test_warm_scale_equals_dense_reference(case_name: str, kind: str, layerwise:
         partition = Partition.from_groups(model, [["0.weight", "0.bias"], ["2.weight", "2.bias"]])
     eta = 0.5
     gn = GaussNewton(model, case.loss, inner_steps=2, inner=sgd(eta), inner_clip=None, warm_scale=True,
-                     partition=partition, line_search=LineSearch(ls_range=3, source="inner"))
+                     partition=partition, line_search=LineSearch(kind="grid", ls_range=3, source="inner"))
     theta = theta_flat(model)
     D = dense(case, model, unflat(theta, params_of(model), names), batch, names)
     g = D.g
@@ -260,7 +287,7 @@ def test_warm_scale_off_is_the_papers_warm_start() -> None:
     names = names_of(model)
     batch = case.make_batch(torch.Generator().manual_seed(64))
     gn = GaussNewton(model, case.loss, inner_steps=1, inner=sgd(0.5), inner_clip=None,
-                     line_search=LineSearch(ls_range=3, source="inner"))
+                     line_search=LineSearch(kind="grid", ls_range=3, source="inner"))
     theta = theta_flat(model)
     D = dense(case, model, unflat(theta, params_of(model), names), batch, names)
     delta_c = D.g.clone()  # an ascent direction

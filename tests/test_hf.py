@@ -100,8 +100,9 @@ def test_layerwise_sgd_inner_equals_dense_reference(arch: str, attn: str) -> Non
     batch = llama_batch(torch.Generator().manual_seed(12))
     eta = 0.5
     gn = GaussNewton(model, CE.loss, inner_steps=2, partition=partition, inner_clip=None,
+                     warm_scale=False,
                      inner=TorchOptimizer(lambda ps: torch.optim.SGD(ps, lr=eta)),
-                     line_search=LineSearch(ls_range=6, source="inner"))
+                     line_search=LineSearch(kind="grid", ls_range=6, source="inner"))
     theta_hat_prev: Tensor | None = None
     for t in range(2):
         theta_t = theta_flat(model)
@@ -136,7 +137,7 @@ def test_full_gn_cg_direction_equals_damped_solve(arch: str) -> None:
     K = D.H @ D.J @ D.J.T
     ref = -D.J.T @ torch.linalg.solve(K + lam * torch.eye(K.shape[0], dtype=F64), D.gz)
     gn = GaussNewton(model, CE.loss, inner_steps=1, inner=CG(tol=1e-12, max_iters=200), damping=lam,
-                     line_search=LineSearch(ls_range=1, source="inner", model_decrease=False))
+                     line_search=LineSearch(kind="grid", ls_range=1, source="inner", model_decrease=False))
     theta0 = theta_flat(model)
     rec = gn.step(iter([batch]))
     assert rec.alpha == 1.0

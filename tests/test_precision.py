@@ -136,7 +136,7 @@ def _gn_direction(model: nn.Module, mode: str, partition: str | None, dtype: tor
     """θ̂ − θ_t after one inner loop of plain SGD on fixed micro-batches (deterministic)."""
     gn = GaussNewton(model, SoftmaxCrossEntropy(), inner_steps=4, mode=mode, partition=partition,
                      inner=TorchOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.5)), inner_clip=None,
-                     line_search=LineSearch(ls_range=2, source="inner"), autocast_dtype=dtype)
+                     line_search=LineSearch(kind="grid", ls_range=2, source="inner"), autocast_dtype=dtype)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     gn.step(iter(pattern_batches(4, seed=3)))
     hat = {n: v for blk in gn._blocks for n, v in blk.theta_hat.items()}

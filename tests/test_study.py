@@ -187,6 +187,15 @@ def test_gn_diagnostics_from_metrics(tmp_path: Path) -> None:
     assert d.alpha_median == 0.25 and d.share_alpha_one == 0.25 and d.share_at_floor == 0.5
     assert d.q_start_max == 0.5 and d.q_start_median == pytest.approx(0.1) and d.share_q_start_positive == 0.5
     assert d.rho_median == pytest.approx(1.0) and d.passes_per_step == 10.0
+    assert d.share_backtracked == 0.0  # grid records (no ls_kind: written before the model search)
+    # the model search: no grid floor; a step whose α_q (0.6) was halved to 0.3 is "backtracked"
+    model = [json.dumps({"step": k + 1, "tokens": 8, "passes": 5.0, "mode": "gn", "ls_kind": "model",
+                         "alphas": alphas, "alpha": alphas[-1], "rejected": False, "q_start": -0.1,
+                         "rho": 0.9, "reset_inner": alphas[-1] == 0.0})
+             for k, alphas in enumerate([[0.6], [0.6, 0.3], [0.25], [0.4, 0.2, 0.1, 0.0]])]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(model), encoding="utf-8")
+    d = gn_diagnostics(read_curve(tmp_path))
+    assert d is not None and d.share_at_floor == 0.0 and d.share_backtracked == 0.5 and d.resets == 1
     # a baseline run has no GN records
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 8, "loss": 2.0, "passes": 1}),
                                             encoding="utf-8")

@@ -90,7 +90,7 @@ FIELD_HELP: dict[str, str] = {
     "ls_fraction": "GN model line search: fraction of N fresh micro-batches it uses (default 1/8)",
     "reset_below": "GN: reset the inner iterate when the chosen alpha is below this",
     "warm_start": "GN: start the inner loop from the previous (1-alpha)-scaled iterate",
-    "warm_scale": "GN: scale that carried iterate by the model's best factor in [0, 1] (default on)",
+    "warm_scale": "GN: scale that carried iterate by the model's best factor in [0, 1] (default off)",
     "damping": "GN: Levenberg-Marquardt damping",
     "prox": "GN: proximal weight mu (adds mu/2 ||theta_hat - theta_t||^2 to the inner objective)",
     "ema_decay": "GN: evaluate with an EMA of the weights with this decay",

@@ -156,7 +156,7 @@ class TrainConfig:
     ls_fraction: float = 0.125
     reset_below: float | None = None
     warm_start: bool = True
-    warm_scale: bool = True
+    warm_scale: bool = False
     damping: float = 0.0
     prox: float = 0.0
     ema_decay: float | None = None

@@ -17,8 +17,9 @@ One outer step t (the paper's Algorithm, as its code runs it; ../shared/design/g
     line search ("grid", the paper's): α* = argmin over α ∈ {(1/√2)^k} of L(θ_t + α d) on N fresh
         micro-batches (finite values only)
     line search ("model"): on K ≤ N fresh micro-batches, one JVP gives L(θ_t), gᵀJd and (Jd)ᵀH(Jd);
-        α_q = −gᵀJd / (Jd)ᵀH(Jd) clipped to [α_min, 1]; α* = the first of α_q, α_q/2, … whose true loss is
-        finite and below L(θ_t), else 0 (θ̂ restarts)
+        α_q = −gᵀJd / (Jd)ᵀH(Jd) clipped to [α_min, 1]; α_i = the minimizer of the parabola through
+        L(θ_t), the slope gᵀJd and L(θ_t + α_q d); α* = the better of α_q, α_i if it lowers the loss,
+        else the first halving that does, else 0 (θ̂ restarts)
     θ_{t+1} = θ_t + α* d          (no finite loss at all: θ_{t+1} = θ_t, the step is rejected)
 
 With the :class:`~gnopt.optim.inner.CG` solver the inner loop is replaced by conjugate gradients on
@@ -44,7 +45,13 @@ from torch import Tensor, nn
 
 from gnopt.errors import GnoptError
 from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain
-from gnopt.optim.line_search import LineSearch, first_decrease, model_alpha, select
+from gnopt.optim.line_search import (
+    LineSearch,
+    first_decrease,
+    interpolated_alpha,
+    model_alpha,
+    select,
+)
 from gnopt.optim.linearize import (
     call,
     check_autocast_dtype,
@@ -161,14 +168,17 @@ class GaussNewton:
             or :class:`~gnopt.optim.inner.CG`.
         partition: ``None``/``"full"`` (full GN), ``"transformer"`` (the paper's layerwise blocks), or a
             :class:`~gnopt.optim.partition.Partition`.
-        line_search: :class:`~gnopt.optim.line_search.LineSearch` settings.
+        line_search: :class:`~gnopt.optim.line_search.LineSearch` settings (default: the model search on
+            ⌈N/8⌉ fresh micro-batches; ``LineSearch.paper()`` is the paper's grid on N).
         schedule: inner learning-rate multiplier ``(t, i) -> float``, e.g. an
             :class:`~gnopt.optim.schedules.InnerSchedule`; default constant 1.
         warm_start: keep θ̂ and the inner optimizer state across outer steps (paper default).
         warm_scale: at the first inner step of an outer step, scale the carried iterate Δ by the model's
             minimizer along it, s = clip(−gᵀJΔ / (JΔ)ᵀHJΔ, 0, 1), on that micro-batch (free: the JVP is
-            computed anyway), so the inner loop never starts worse than θ_t under the model. Without it
-            (the paper) a warm start whose carried iterate the model rates worse than θ_t can drift.
+            computed anyway), so the inner loop never starts worse than θ_t under the model. Off by default
+            (the paper's warm start): measured, it neither stops the small-batch drift (which comes from the
+            grid search's floor, see the model line search) nor keeps GN's steps to target at 64K
+            (docs/results/cpu-cost.md).
         damping: Levenberg-Marquardt λ: minimizes the model + λ‖Δ‖²/2 (CG solves (G + λI) d = −g).
         adapt_damping: adjust λ from ρ = actual/predicted decrease (×2/3 if ρ > 3/4, ×3/2 if ρ < 1/4).
         prox: proximal weight μ: adds μ‖θ̂ − θ_t‖²/2 to the inner objective (fixed).
@@ -540,14 +550,23 @@ class GaussNewton:
             assert model is not None and loss_at_theta is not None
             alphas, losses, k = [], [], None
             if math.isfinite(loss_at_theta):
-                a = model_alpha(model[1], model[2], ls.smallest_alpha())
-                for _ in range(ls.max_backtracks + 1):
-                    alphas.append(a)
-                    losses += self._losses_along(theta, d, batches, [a], rec, loss_at_theta)
-                    if first_decrease(loss_at_theta, losses[-1:]) is not None:
-                        k = len(alphas) - 1
-                        break
-                    a /= 2.0
+                lo = ls.smallest_alpha()
+                alphas.append(model_alpha(model[1], model[2], lo))
+                losses += self._losses_along(theta, d, batches, alphas[-1:], rec, loss_at_theta)
+                a_i = interpolated_alpha(loss_at_theta, model[1], alphas[0], losses[0], lo)
+                if a_i is not None and abs(a_i - alphas[0]) > 0.1 * alphas[0]:
+                    alphas.append(a_i)
+                    losses += self._losses_along(theta, d, batches, [a_i], rec, loss_at_theta)
+                k = select(alphas, losses)
+                if k is None or losses[k] >= loss_at_theta:
+                    k, a = None, min(alphas) / 2.0
+                    for _ in range(ls.max_backtracks):
+                        alphas.append(a)
+                        losses += self._losses_along(theta, d, batches, [a], rec, loss_at_theta)
+                        if first_decrease(loss_at_theta, losses[-1:]) is not None:
+                            k = len(alphas) - 1
+                            break
+                        a /= 2.0
                 if k is None:  # no confirmed decrease: stay at θ_t (the inner loop restarts, see _finish)
                     alphas.append(0.0)
                     losses.append(loss_at_theta)

@@ -9,11 +9,13 @@ Two kinds, each a pure selection rule over numbers the optimizer measures (:func
 * ``"model"`` — α from the GN model itself. Along d the model is a quadratic in α,
   q(α) = L(θ_t) + α gᵀJd + ½α² (Jd)ᵀH(Jd), whose two coefficients one JVP per line-search micro-batch
   gives (that pass also gives L(θ_t)); its minimizer α_q = −gᵀJd / (Jd)ᵀH(Jd), clipped to
-  [α_min, 1], is then **confirmed** by the true loss: the first of α_q, α_q/2, α_q/4, … (at most
-  ``1 + max_backtracks`` candidates) whose loss is finite and below L(θ_t) is taken. When none is, the
-  step stays at θ_t (α = 0, as the grid's ``include_zero``); when no loss at all is finite it is rejected.
-  It costs one JVP and usually one forward per micro-batch instead of ``ls_range`` forwards, and it runs
-  on a fraction of N micro-batches (``fraction``; pairs of losses on the same micro-batches are compared,
+  [α_min, 1], is **confirmed and corrected** by the true loss: L(α_q) with the exact slope gᵀJd and
+  L(θ_t) fixes a parabola of the true loss along d, whose minimizer α_i (:func:`interpolated_alpha`) is
+  evaluated too when it differs from α_q by more than 10%; the better of the two is taken if it is below
+  L(θ_t). Otherwise the smaller is halved (at most ``max_backtracks`` times) until the loss decreases;
+  when nothing does, the step stays at θ_t (α = 0, as the grid's ``include_zero``); when no loss at all is
+  finite it is rejected. It costs one JVP and one or two forwards per micro-batch instead of ``ls_range``
+  forwards, on a fraction of N micro-batches (``fraction``; losses on the same micro-batches are compared,
   so few are needed).
 
 Both kinds never take a non-finite loss. gnopt adds what the pilot run on this machine needed
@@ -31,6 +33,8 @@ from gnopt.errors import GnoptError
 
 LS_SOURCES: tuple[str, ...] = ("fresh", "inner")
 LS_KINDS: tuple[str, ...] = ("grid", "model")
+#: The model search's default share of N fresh micro-batches (measured: docs/results/cpu-cost.md).
+MODEL_FRACTION = 0.125
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class LineSearch:
         include_zero: also consider α = 0 (stay at θ_t); ``"model"`` always falls back to it.
         source: ``"fresh"`` draws new micro-batches; ``"inner"`` reuses the inner loop's.
         num_batches: micro-batches for ``source="fresh"`` (takes precedence over ``fraction``).
-        fraction: with ``num_batches=None``, use ⌈fraction · N⌉ fresh micro-batches (``None``: N).
+        fraction: with ``num_batches=None``, use ⌈fraction · N⌉ fresh micro-batches (``None``: N for the
+            grid, ⌈N/8⌉ for the model search, :data:`MODEL_FRACTION`).
         reset_below: if the chosen α is below this, the warm-started inner iterate restarts from θ_{t+1}.
         model_decrease: evaluate the GN model's predicted decrease on the line-search batches (one JVP per
             batch, which also gives the loss at α = 0), so that ρ = actual / predicted is reported and
@@ -54,7 +59,7 @@ class LineSearch:
         max_backtracks: ``"model"``: how many halvings of α_q to try after it fails to decrease the loss.
     """
 
-    kind: str = "grid"
+    kind: str = "model"
     ls_range: int = 5
     include_zero: bool = False
     source: str = "fresh"
@@ -93,7 +98,7 @@ class LineSearch:
         return cls(kind="grid", ls_range=ls_range, source="fresh", num_batches=None, fraction=None)
 
     @classmethod
-    def fast(cls, fraction: float = 0.125, ls_range: int = 5) -> LineSearch:
+    def fast(cls, fraction: float = MODEL_FRACTION, ls_range: int = 5) -> LineSearch:
         """α from the GN model, confirmed by the true loss on ⌈fraction · N⌉ fresh micro-batches."""
         return cls(kind="model", ls_range=ls_range, source="fresh", fraction=fraction)
 
@@ -101,9 +106,9 @@ class LineSearch:
         """How many fresh micro-batches one outer step with N = ``inner_steps`` draws for the search."""
         if self.num_batches is not None:
             return self.num_batches
-        if self.fraction is not None:
-            return max(1, math.ceil(self.fraction * inner_steps - 1e-9))
-        return inner_steps
+        fraction = self.fraction if self.fraction is not None else (
+            MODEL_FRACTION if self.kind == "model" else 1.0)
+        return max(1, math.ceil(fraction * inner_steps - 1e-9))
 
     def alphas(self) -> list[float]:
         """The grid's candidate step sizes, largest first (α = 0 last when included)."""
@@ -135,6 +140,25 @@ def model_alpha(slope: float, curvature: float, alpha_min: float, alpha_max: flo
     """
     if not (math.isfinite(slope) and math.isfinite(curvature)) or slope >= 0.0:
         return alpha_min
+    if curvature <= 0.0:
+        return alpha_max
+    return min(max(-slope / curvature, alpha_min), alpha_max)
+
+
+def interpolated_alpha(loss_at_zero: float, slope: float, alpha: float, loss: float, alpha_min: float,
+                       alpha_max: float = 1.0) -> float | None:
+    """Minimizer of the parabola through the true loss at 0 and at ``alpha`` with the exact slope at 0.
+
+    ``slope`` = gᵀJd is the true loss's directional derivative at θ_t on the same micro-batches (the GN
+    model's linear term is exact), so L(0), L'(0) and L(α) fix a parabola with curvature
+    c = 2 (L(α) − L(0) − α·slope) / α². Its minimizer −slope / c, clipped to [alpha_min, alpha_max], corrects
+    α_q when the true loss curves more (or less) than the GN model along d. None when it is undefined
+    (non-finite values, slope ≥ 0); ``alpha_max`` when the parabola opens downwards.
+    """
+    values = (loss_at_zero, slope, alpha, loss)
+    if not all(math.isfinite(v) for v in values) or slope >= 0.0 or alpha <= 0.0:
+        return None
+    curvature = 2.0 * (loss - loss_at_zero - alpha * slope) / (alpha * alpha)
     if curvature <= 0.0:
         return alpha_max
     return min(max(-slope / curvature, alpha_min), alpha_max)

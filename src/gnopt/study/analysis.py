@@ -75,7 +75,8 @@ class GNStep:
     """What one Gauss-Newton outer step logged about its line search and its quadratic model."""
 
     alpha: float | None  # chosen step size (None: rejected)
-    floor: float | None  # smallest positive candidate of the line-search grid
+    floor: float | None  # smallest positive candidate of the line-search grid (None: the model search)
+    backtracked: bool  # the model search's first candidate α_q did not decrease the loss
     q_start: float | None  # model value minus loss at θ_t where the inner loop began (> 0: drift)
     rho: float | None  # actual / predicted decrease
     reset: bool
@@ -89,7 +90,8 @@ class GNDiagnostics:
     steps: int
     alpha_median: float | None
     share_alpha_one: float  # steps with α = 1
-    share_at_floor: float  # steps with α at the smallest positive candidate
+    share_at_floor: float  # steps with α at the smallest positive candidate (grid search)
+    share_backtracked: float  # steps whose model-search α_q was not confirmed (model search)
     q_start_median: float | None
     q_start_max: float | None
     share_q_start_positive: float  # inner loops that began above the model's value at θ_t
@@ -120,6 +122,7 @@ def gn_diagnostics(curve: RunCurve) -> GNDiagnostics | None:
         share_alpha_one=sum(1 for a in alphas if abs(a - 1.0) < 1e-9) / n,
         share_at_floor=sum(1 for s in g if s.alpha is not None and s.floor is not None
                            and abs(s.alpha - s.floor) < 1e-9 and s.floor < 1.0) / n,
+        share_backtracked=sum(s.backtracked for s in g) / n,
         q_start_median=_median(qs),
         q_start_max=max(qs) if qs else None,
         share_q_start_positive=sum(1 for q in qs if q > 1e-6) / n,
@@ -163,9 +166,11 @@ def read_curve(run_dir: Path) -> RunCurve:
 
 def _gn_step(rec: dict[str, Any]) -> GNStep:
     alphas = [a for a in rec.get("alphas") or [] if isinstance(a, (int, float)) and a > 0]
+    model = rec.get("ls_kind") == "model"  # records written before the model search have no ls_kind
     return GNStep(
         alpha=None if rec.get("rejected") else _finite(rec.get("alpha")),
-        floor=min(alphas) if alphas else None,
+        floor=None if model else (min(alphas) if alphas else None),
+        backtracked=model and len(rec.get("alphas") or []) > 1,
         q_start=_finite(rec.get("q_start")),
         rho=_finite(rec.get("rho")),
         reset=bool(rec.get("reset_inner")),

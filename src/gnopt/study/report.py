@@ -370,19 +370,22 @@ def render_report(results: StudyResults) -> str:
             if d is None:
                 continue
             drows.append([m.name, _tokens(b), str(d.steps), _fmt(d.alpha_median), f"{d.share_alpha_one:.0%}",
-                          f"{d.share_at_floor:.0%}", _fmt(d.q_start_median), _fmt(d.q_start_max),
+                          f"{d.share_at_floor:.0%}", f"{d.share_backtracked:.0%}", _fmt(d.q_start_median),
+                          _fmt(d.q_start_max),
                           f"{d.share_q_start_positive:.0%}", _fmt(d.rho_median), str(d.resets),
                           str(d.rejected), f"{d.passes_per_step:.1f}"])
     if drows:
         lines.append("\n## Gauss-Newton diagnostics (selected runs)\n")
         lines.append(
             "Over all outer steps of each selected GN run: the line search's chosen α (median; share of "
-            "steps with α = 1 and with α at the smallest candidate of the grid), `q_start` = the quadratic "
-            "model's value minus the loss at θ_t where the warm-started inner loop began (> 0: the "
+            "steps with α = 1 and with α at the smallest candidate of the grid; for the model search, the "
+            "share of steps whose model α was not confirmed by the loss and was halved), `q_start` = the "
+            "quadratic model's value minus the loss at θ_t where the warm-started inner loop began (> 0: the "
             "carried-over iterate was already worse than θ_t under the model, the drift the pilot found), "
             "ρ = actual / predicted decrease, inner-iterate resets, rejected steps, and "
             "forward+backward-equivalent passes per outer step.\n")
-        lines.append(_table(["method", "batch", "steps", "α median", "α = 1", "α at floor", "q_start median",
+        lines.append(_table(["method", "batch", "steps", "α median", "α = 1", "α at floor", "backtracked",
+                             "q_start median",
                              "q_start max", "q_start > 0", "ρ median", "resets", "rejected", "passes/step"],
                             drows))
 
