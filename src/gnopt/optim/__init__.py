@@ -6,7 +6,7 @@ Typical use::
 
     gn = GaussNewton(model, SoftmaxCrossEntropy(), inner_steps=16,
                      inner=MuonAdamW(lr=0.01, adam_lr=1e-3),
-                     line_search=LineSearch(ls_range=5),
+                     line_search=LineSearch(),  # or LineSearch.paper(ls_range=5)
                      schedule=InnerSchedule("constant_with_inner_cosine", total_outer_steps=100,
                                             inner_steps=16))
     for t in range(100):
