@@ -153,6 +153,7 @@ def test_model_line_search_equals_dense_reference(case_name: str) -> None:
     else:  # α_q was close enough: one forward per batch
         assert len(rec.alphas) == 1 and rec.ls_losses == [pytest.approx(lq, rel=1e-12)]
     assert len(rec.alphas) == (2 if case_name == "llama_ce_masked" else 1)  # both paths are exercised
+    assert rec.ls_corrected == (len(rec.alphas) == 2) and rec.ls_backtracks == 0
     k = min(range(len(rec.alphas)), key=lambda j: rec.ls_losses[j])
     assert rec.ls_losses[k] < l0 and rec.alpha == rec.alphas[k]
     assert rel_err(theta_flat(model), theta0 + rec.alpha * d) < 1e-13
@@ -176,6 +177,7 @@ def test_model_line_search_backtracks_then_stays_when_the_model_is_wrong() -> No
     assert rec.alphas == [pytest.approx(1.0, rel=1e-10), pytest.approx(0.5, rel=1e-10)]
     assert math.isnan(rec.ls_losses[0]) and rec.ls_losses[1] < rec.ls_loss_at_theta
     assert rec.alpha == rec.alphas[1] and not rec.rejected
+    assert not rec.ls_corrected and rec.ls_backtracks == 1  # no parabola through a NaN
     assert rel_err(theta_flat(model), rec.alpha * star) < 1e-9
 
     model = GuardedLinear(limit=0.6 * float(star.norm()), bad=float("nan"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -188,14 +189,18 @@ def test_gn_diagnostics_from_metrics(tmp_path: Path) -> None:
     assert d.q_start_max == 0.5 and d.q_start_median == pytest.approx(0.1) and d.share_q_start_positive == 0.5
     assert d.rho_median == pytest.approx(1.0) and d.passes_per_step == 10.0
     assert d.share_backtracked == 0.0  # grid records (no ls_kind: written before the model search)
-    # the model search: no grid floor; a step whose α_q (0.6) was halved to 0.3 is "backtracked"
+    # the model search: no grid floor; corrected = α_i evaluated, backtracked = halvings evaluated
     model = [json.dumps({"step": k + 1, "tokens": 8, "passes": 5.0, "mode": "gn", "ls_kind": "model",
                          "alphas": alphas, "alpha": alphas[-1], "rejected": False, "q_start": -0.1,
-                         "rho": 0.9, "reset_inner": alphas[-1] == 0.0})
-             for k, alphas in enumerate([[0.6], [0.6, 0.3], [0.25], [0.4, 0.2, 0.1, 0.0]])]
+                         "rho": 0.9, "reset_inner": alphas[-1] == 0.0, "ls_corrected": corrected,
+                         "ls_backtracks": backtracks})
+             for k, (alphas, corrected, backtracks) in enumerate(
+                 [([0.6], False, 0), ([0.6, 0.3], True, 0), ([0.25], False, 0),
+                  ([0.4, 0.3, 0.15, 0.075, 0.0], True, 2)])]
     (tmp_path / "metrics.jsonl").write_text("\n".join(model), encoding="utf-8")
     d = gn_diagnostics(read_curve(tmp_path))
-    assert d is not None and d.share_at_floor == 0.0 and d.share_backtracked == 0.5 and d.resets == 1
+    assert d is not None and d.share_at_floor == 0.0 and d.resets == 1
+    assert d.share_corrected == 0.5 and d.share_backtracked == 0.25
     # a baseline run has no GN records
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 8, "loss": 2.0, "passes": 1}),
                                             encoding="utf-8")
@@ -274,6 +279,8 @@ def _outputs_are_well_formed(out: Path, n_runs: int, methods: list[str]) -> None
     keys = {"experiment", "target_loss", "target_source", "warmup", "best", "critical_batch", "runs",
             "gn_diagnostics"}
     assert keys <= set(study)
+    # committed results carry no absolute path of the machine: the experiment file as the report shows it
+    assert study["experiment"]["path"] == os.path.relpath(ROOT / "experiments" / "smoke.toml")
     gn_methods = {m for m in methods if m.startswith("gn")}
     assert {d["method"] for d in study["gn_diagnostics"]} == gn_methods
     assert len(study["gn_diagnostics"]) == 2 * len(gn_methods)

@@ -106,6 +106,8 @@ class GNStepRecord:
     q_carried: float | None = None
     warm_scales: list[float] = field(default_factory=list)
     ls_kind: str = "grid"
+    ls_corrected: bool = False  # model search: the true-loss parabola's α was evaluated besides α_q
+    ls_backtracks: int = 0  # model search: halvings evaluated after α_q (and α_i) did not lower the loss
     q_trace: list[float] = field(default_factory=list)
     q_trace_steps: list[int] = field(default_factory=list)
     inner_grad_norm_first: float | None = None
@@ -555,12 +557,14 @@ class GaussNewton:
                 losses += self._losses_along(theta, d, batches, alphas[-1:], rec, loss_at_theta)
                 a_i = interpolated_alpha(loss_at_theta, model[1], alphas[0], losses[0], lo)
                 if a_i is not None and abs(a_i - alphas[0]) > 0.1 * alphas[0]:
+                    rec.ls_corrected = True
                     alphas.append(a_i)
                     losses += self._losses_along(theta, d, batches, [a_i], rec, loss_at_theta)
                 k = select(alphas, losses)
                 if k is None or losses[k] >= loss_at_theta:
                     k, a = None, min(alphas) / 2.0
                     for _ in range(ls.max_backtracks):
+                        rec.ls_backtracks += 1
                         alphas.append(a)
                         losses += self._losses_along(theta, d, batches, [a], rec, loss_at_theta)
                         if first_decrease(loss_at_theta, losses[-1:]) is not None:

@@ -76,7 +76,8 @@ class GNStep:
 
     alpha: float | None  # chosen step size (None: rejected)
     floor: float | None  # smallest positive candidate of the line-search grid (None: the model search)
-    backtracked: bool  # the model search's first candidate α_q did not decrease the loss
+    backtracked: bool  # model search: neither α_q nor its correction lowered the loss (halvings followed)
+    corrected: bool  # model search: the true-loss parabola's α was evaluated besides α_q
     q_start: float | None  # model value minus loss at θ_t where the inner loop began (> 0: drift)
     rho: float | None  # actual / predicted decrease
     reset: bool
@@ -91,7 +92,8 @@ class GNDiagnostics:
     alpha_median: float | None
     share_alpha_one: float  # steps with α = 1
     share_at_floor: float  # steps with α at the smallest positive candidate (grid search)
-    share_backtracked: float  # steps whose model-search α_q was not confirmed (model search)
+    share_corrected: float  # model search: steps that evaluated the true-loss parabola's α too
+    share_backtracked: float  # model search: steps where neither lowered the loss (halvings followed)
     q_start_median: float | None
     q_start_max: float | None
     share_q_start_positive: float  # inner loops that began above the model's value at θ_t
@@ -122,6 +124,7 @@ def gn_diagnostics(curve: RunCurve) -> GNDiagnostics | None:
         share_alpha_one=sum(1 for a in alphas if abs(a - 1.0) < 1e-9) / n,
         share_at_floor=sum(1 for s in g if s.alpha is not None and s.floor is not None
                            and abs(s.alpha - s.floor) < 1e-9 and s.floor < 1.0) / n,
+        share_corrected=sum(s.corrected for s in g) / n,
         share_backtracked=sum(s.backtracked for s in g) / n,
         q_start_median=_median(qs),
         q_start_max=max(qs) if qs else None,
@@ -170,7 +173,8 @@ def _gn_step(rec: dict[str, Any]) -> GNStep:
     return GNStep(
         alpha=None if rec.get("rejected") else _finite(rec.get("alpha")),
         floor=None if model else (min(alphas) if alphas else None),
-        backtracked=model and len(rec.get("alphas") or []) > 1,
+        backtracked=model and bool(rec.get("ls_backtracks")),
+        corrected=model and bool(rec.get("ls_corrected")),
         q_start=_finite(rec.get("q_start")),
         rho=_finite(rec.get("rho")),
         reset=bool(rec.get("reset_inner")),

@@ -370,7 +370,8 @@ def render_report(results: StudyResults) -> str:
             if d is None:
                 continue
             drows.append([m.name, _tokens(b), str(d.steps), _fmt(d.alpha_median), f"{d.share_alpha_one:.0%}",
-                          f"{d.share_at_floor:.0%}", f"{d.share_backtracked:.0%}", _fmt(d.q_start_median),
+                          f"{d.share_at_floor:.0%}", f"{d.share_corrected:.0%}", f"{d.share_backtracked:.0%}",
+                          _fmt(d.q_start_median),
                           _fmt(d.q_start_max),
                           f"{d.share_q_start_positive:.0%}", _fmt(d.rho_median), str(d.resets),
                           str(d.rejected), f"{d.passes_per_step:.1f}"])
@@ -379,12 +380,14 @@ def render_report(results: StudyResults) -> str:
         lines.append(
             "Over all outer steps of each selected GN run: the line search's chosen α (median; share of "
             "steps with α = 1 and with α at the smallest candidate of the grid; for the model search, the "
-            "share of steps whose model α was not confirmed by the loss and was halved), `q_start` = the "
+            "share of steps that also evaluated the true loss's parabola (corrected) and of steps where "
+            "neither α lowered the loss, so that it was halved (backtracked)), `q_start` = the "
             "quadratic model's value minus the loss at θ_t where the warm-started inner loop began (> 0: the "
             "carried-over iterate was already worse than θ_t under the model, the drift the pilot found), "
             "ρ = actual / predicted decrease, inner-iterate resets, rejected steps, and "
             "forward+backward-equivalent passes per outer step.\n")
-        lines.append(_table(["method", "batch", "steps", "α median", "α = 1", "α at floor", "backtracked",
+        lines.append(_table(["method", "batch", "steps", "α median", "α = 1", "α at floor", "corrected",
+                             "backtracked",
                              "q_start median",
                              "q_start max", "q_start > 0", "ρ median", "resets", "rejected", "passes/step"],
                             drows))
@@ -409,13 +412,33 @@ def render_report(results: StudyResults) -> str:
     return "\n".join(lines)
 
 
+#: Path-valued settings of an experiment that ``study.json`` shows relative to the working directory.
+PATH_KEYS: tuple[str, ...] = ("data", "valid_data", "cache_dir", "tokenizer", "init_from")
+
+
+def _relative_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """The experiment's file and path settings as :func:`_display_path` shows them (results get committed:
+    they should not carry the absolute paths of the machine that ran them)."""
+    exp = data.get("experiment")
+    if isinstance(exp, dict):
+        if isinstance(exp.get("path"), str):
+            exp["path"] = _display_path(exp["path"])
+        for table in (exp.get("base"), exp.get("warmup")):
+            if isinstance(table, dict):
+                for key in PATH_KEYS:
+                    value = table.get(key)
+                    if isinstance(value, str) and os.path.isabs(value):
+                        table[key] = _display_path(value)
+    return data
+
+
 def write_outputs(results: StudyResults, study_dir: Path, *, plots: bool = True) -> list[Path]:
     """Write every output file into ``study_dir``; returns their paths."""
     study_dir.mkdir(parents=True, exist_ok=True)
     written = []
     write_runs_csv(results, study_dir / RUNS_CSV)
     written.append(study_dir / RUNS_CSV)
-    data = _json_safe(results.to_dict())
+    data = _relative_paths(_json_safe(results.to_dict()))
     atomic_write_text(study_dir / RUNS_JSON, json.dumps(data["runs"], indent=1) + "\n")
     atomic_write_text(study_dir / STUDY_JSON, json.dumps(data, indent=1) + "\n")
     written += [study_dir / RUNS_JSON, study_dir / STUDY_JSON]
