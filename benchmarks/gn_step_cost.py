@@ -142,9 +142,9 @@ def time_all(args: argparse.Namespace) -> dict[str, Any]:
     blocks: list[list[float]] = []
     labels = list(gns["layerwise"].partition.labels)
 
-    def timed(key: str, fn, *a) -> None:
+    def timed(key: str, fn, *a, **kw) -> None:
         t0 = time.perf_counter()
-        fn(*a)
+        fn(*a, **kw)
         samples[key].append(time.perf_counter() - t0)
 
     for _ in range(args.repeats):
