@@ -2,10 +2,10 @@
 
 Each configuration runs in a fresh subprocess (so no allocation of an earlier one is counted) that builds
 the model, draws its first micro-batch, records its RSS (``VmRSS``), runs ``--outer-steps`` GN outer steps
-(N inner steps + the line search over N fresh micro-batches each) and records its peak RSS (``VmHWM`` from
-``/proc/self/status``: unlike ``ru_maxrss`` it is per process, not inherited across fork + exec). The
-*working* memory is the peak minus the RSS before the first step. An AdamW step on the same micro-batch is
-measured the same way, as the unit.
+(N inner steps + the library's default line search on ⌈N/8⌉ fresh micro-batches) and records its peak
+RSS (``VmHWM`` from ``/proc/self/status``: unlike ``ru_maxrss`` it is per process, not inherited across
+fork + exec). The *working* memory is the peak minus the RSS before the first step. An AdamW step on the
+same micro-batch is measured the same way, as the unit.
 
 What should hold: GN's memory does not grow with N (the inner loop keeps one micro-batch's activations at
 a time, the line search keeps scalars per α), and grows at most linearly with the micro-batch (activations
@@ -135,7 +135,7 @@ def render(r: dict[str, Any]) -> str:
         "*working* = peak RSS (VmHWM) − RSS before the first step; *peak* = VmHWM of the whole process "
         "(Python + torch + model ≈ the RSS before the first step).",
         "",
-        f"## vs N (inner steps = line-search micro-batches), micro-batch {c['n_micro']}",
+        f"## vs N (inner steps; the default line search on ⌈N/8⌉ more), micro-batch {c['n_micro']}",
         "",
         "| variant | N | working MB | peak RSS MB | s / outer step |",
         "|---|---|---|---|---|",
