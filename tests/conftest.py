@@ -15,6 +15,18 @@ if str(ROOT / "src") not in sys.path:  # run from a checkout without `pip instal
 GUTENBERG = ROOT.parent / "shared" / "data" / "gutenberg-fiction"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny numerical tests (on 2 shared cores more threads only spin);
+    restored after the module. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_gnopt_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep every test's token cache out of ~/.cache/gnopt."""

@@ -51,13 +51,7 @@ from gnopt.optim.line_search import select
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One thread: tiny ops on 2 shared cores only spin with more. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores: one thread
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
@@ -633,7 +627,8 @@ def test_nonfinite_micro_batch_is_skipped_by_sgd_inner() -> None:
     D = dense(case, model, unflat(theta0, params_of(model), names), b, names)
     delta = -eta * D.gn_grad(torch.zeros_like(theta0))
     delta = delta - eta * D.gn_grad(delta)
-    gn = GaussNewton(model, case.loss, inner_steps=3, inner=sgd(eta), inner_clip=None)
+    gn = GaussNewton(model, case.loss, inner_steps=3, inner=sgd(eta), inner_clip=None,
+                     line_search=LineSearch.paper())  # N = 3 fresh line-search batches: ls_b
     rec = gn.step(iter([b, bad, b] + ls_b))
     assert rec.inner_nonfinite == 1
     assert rel_err(theta_hat_flat(gn, names) - theta0, delta) < 1e-10

@@ -28,13 +28,7 @@ from gnopt.errors import GnoptError
 from gnopt.optim import CG, GaussNewton, LineSearch, MSELoss, Partition
 from gnopt.optim.line_search import first_decrease, interpolated_alpha, model_alpha
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores: one thread
 
 
 # ======================================================================== pure selection rules

@@ -25,12 +25,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_causal_lm.py"
 VOCAB, SEQ = 11, 6  # llama_batch's vocabulary and sequence length
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores: one thread
 
 
 def hf_llama(attn: str = "eager", dtype: torch.dtype = F64) -> CausalLMLogits:

@@ -29,12 +29,7 @@ SEQ = 32  # the tiny preset's sequence length
 ALL_OPTIMIZERS = ["adamw", "muon", "soap", "shampoo", "gn", "gn-prox-linear", "gn-layerwise"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores: one thread
 
 
 def pattern_batches(n: int, batch: int = 4, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
