@@ -224,3 +224,16 @@ def prox_value(case: Case, d: Dense, y: Tensor, delta: Tensor) -> float:
 def loss_at(case: Case, model: nn.Module, params: dict[str, Tensor], batches) -> float:
     """Mean over micro-batches of the true loss at ``params`` (reference forward)."""
     return sum(float(case.value(forward(model, params, x), y)) for x, y in batches) / len(batches)
+
+
+def jacobi_sgd(d: Dense, delta: Tensor, sizes: list[int], eta: float, steps: int) -> Tensor:
+    """``steps`` SGD steps from ``delta`` on the block-diagonal (Jacobi) GN model of ``d``: block b (the next
+    ``sizes[b]`` entries of the flat vector) steps on J_bᵀ(g_z + H_z J_b Δ_b), the other blocks frozen."""
+    for _ in range(steps):
+        new, o = delta.clone(), 0
+        for size in sizes:
+            jb = d.J[:, o:o + size]
+            new[o:o + size] -= eta * jb.T @ (d.gz + d.H @ (jb @ delta[o:o + size]))
+            o += size
+        delta = new
+    return delta

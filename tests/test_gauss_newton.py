@@ -22,6 +22,7 @@ from _gn_reference import (
     dense,
     flat,
     forward,
+    jacobi_sgd,
     loss_at,
     mlp_ce_batch,
     names_of,
@@ -184,14 +185,7 @@ def test_layerwise_sgd_inner_is_jacobi_on_block_quadratics(case_name: str) -> No
         theta_t = theta_flat(model)
         D = dense(case, model, unflat(theta_t, params_of(model), names), batch, names)
         delta = torch.zeros_like(theta_t) if theta_hat_prev is None else theta_hat_prev - theta_t
-        for _ in range(2):
-            new = delta.clone()
-            o = 0
-            for s in sizes:
-                Jb = D.J[:, o:o + s]
-                new[o:o + s] -= eta * Jb.T @ (D.gz + D.H @ (Jb @ delta[o:o + s]))
-                o += s
-            delta = new
+        delta = jacobi_sgd(D, delta, sizes, eta, 2)
         rec = gn.step(iter([batch] * 2))
         got = theta_hat_flat(gn, names)
         assert rel_err(got - theta_t, delta) < 1e-10, f"step {t}"

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from _gn_reference import CASES, dense, loss_at, names_of, params_of, unflat
+from _gn_reference import CASES, dense, jacobi_sgd, loss_at, names_of, params_of, unflat
 from test_gauss_newton import (
     F64,
     GuardedLinear,
@@ -255,13 +255,7 @@ def test_warm_scale_equals_dense_reference(case_name: str, kind: str, layerwise:
         db = torch.zeros_like(delta)
         db[o2:o2 + sz] = delta[o2:o2 + sz]
         q_start += D.quad(db)
-    for _ in range(2):  # SGD on the block-diagonal (Jacobi) model from the scaled iterate
-        new, o = delta.clone(), 0
-        for size in sizes:
-            Jb = D.J[:, o:o + size]
-            new[o:o + size] -= eta * Jb.T @ (D.gz + D.H @ (Jb @ delta[o:o + size]))
-            o += size
-        delta = new
+    delta = jacobi_sgd(D, delta, sizes, eta, 2)  # SGD on the block-diagonal model from the scaled iterate
     rec = gn.step(iter([batch] * 2))
     assert rec.warm_scales == pytest.approx(scales, rel=1e-9, abs=1e-12)
     if kind == "shrink":

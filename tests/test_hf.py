@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _gn_reference import CASES, Case, dense, flat, llama_batch, names_of, params_of
+from _gn_reference import CASES, Case, dense, flat, jacobi_sgd, llama_batch, names_of, params_of
 from torch import Tensor, nn
 
 from gnopt.errors import GnoptError
@@ -104,14 +104,7 @@ def test_layerwise_sgd_inner_equals_dense_reference(arch: str, attn: str) -> Non
         params = params_of(model)
         D = dense(CE, model, params, batch, names)
         delta = torch.zeros_like(theta_t) if theta_hat_prev is None else theta_hat_prev - theta_t
-        for _ in range(2):
-            new = delta.clone()
-            o = 0
-            for s in sizes:
-                Jb = D.J[:, o:o + s]
-                new[o:o + s] -= eta * Jb.T @ (D.gz + D.H @ (Jb @ delta[o:o + s]))
-                o += s
-            delta = new
+        delta = jacobi_sgd(D, delta, sizes, eta, 2)
         rec = gn.step(iter([batch] * 2))
         got = flat({n: v for blk in gn._blocks for n, v in blk.theta_hat.items()}, names).clone()
         assert rel_err(got - theta_t, delta) < TOL[arch], f"step {t}"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_baselines import pattern_batches
 from torch import Tensor, nn
 
 from gnopt.cli import main
@@ -30,21 +31,6 @@ ALL_OPTIMIZERS = ["adamw", "muon", "soap", "shampoo", "gn", "gn-prox-linear", "g
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores: one thread
-
-
-def pattern_batches(n: int, batch: int = 4, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
-    """Micro-batches of a learnable stream (a repeated random 16-token motif with a little noise)."""
-    g = torch.Generator().manual_seed(seed)
-    motif = torch.randint(0, 256, (16,), generator=g)
-    out = []
-    for _ in range(n):
-        starts = torch.randint(0, 16, (batch,), generator=g)
-        idx = (starts[:, None] + torch.arange(SEQ + 1)[None, :]) % 16
-        seqs = motif[idx]
-        noise = torch.rand(seqs.shape, generator=g) < 0.05
-        seqs = torch.where(noise, torch.randint(0, 256, seqs.shape, generator=g), seqs)
-        out.append((seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()))
-    return out
 
 
 class DtypeSpy:
