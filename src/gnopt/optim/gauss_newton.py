@@ -550,31 +550,7 @@ class GaussNewton:
             k = select(alphas, losses)
         else:
             assert model is not None and loss_at_theta is not None
-            alphas, losses, k = [], [], None
-            if math.isfinite(loss_at_theta):
-                lo = ls.smallest_alpha()
-                alphas.append(model_alpha(model[1], model[2], lo))
-                losses += self._losses_along(theta, d, batches, alphas[-1:], rec, loss_at_theta)
-                a_i = interpolated_alpha(loss_at_theta, model[1], alphas[0], losses[0], lo)
-                if a_i is not None and abs(a_i - alphas[0]) > 0.1 * alphas[0]:
-                    rec.ls_corrected = True
-                    alphas.append(a_i)
-                    losses += self._losses_along(theta, d, batches, [a_i], rec, loss_at_theta)
-                k = select(alphas, losses)
-                if k is None or losses[k] >= loss_at_theta:
-                    k, a = None, min(alphas) / 2.0
-                    for _ in range(ls.max_backtracks):
-                        rec.ls_backtracks += 1
-                        alphas.append(a)
-                        losses += self._losses_along(theta, d, batches, [a], rec, loss_at_theta)
-                        if first_decrease(loss_at_theta, losses[-1:]) is not None:
-                            k = len(alphas) - 1
-                            break
-                        a /= 2.0
-                if k is None:  # no confirmed decrease: stay at θ_t (the inner loop restarts, see _finish)
-                    alphas.append(0.0)
-                    losses.append(loss_at_theta)
-                    k = len(alphas) - 1
+            alphas, losses, k = self._model_search(theta, d, batches, loss_at_theta, model[1], model[2], rec)
         rec.alphas, rec.ls_losses, rec.ls_loss_at_theta = alphas, losses, loss_at_theta
         if k is None:
             rec.rejected = True
@@ -590,6 +566,41 @@ class GaussNewton:
             rec.predicted_decrease = predicted
             rec.rho = rec.actual_decrease / predicted if predicted != 0 else None
         return alpha
+
+    def _model_search(
+        self, theta: Dict, d: Dict, batches: list[Batch], loss_at_theta: float, slope: float,
+        curvature: float, rec: GNStepRecord,
+    ) -> tuple[list[float], list[float], int | None]:
+        """The model line search: candidates, their true losses and the chosen index (None: rejected).
+
+        α_q from the GN model; α_i from the true loss's parabola when it differs by > 10%; the better one
+        if it lowers the loss, else halvings, else α = 0 (the loss at θ_t). Nothing finite at θ_t: None.
+        """
+        alphas: list[float] = []
+        losses: list[float] = []
+        if not math.isfinite(loss_at_theta):
+            return alphas, losses, None
+        lo = self.line_search.smallest_alpha()
+        alphas.append(model_alpha(slope, curvature, lo))
+        losses += self._losses_along(theta, d, batches, alphas[-1:], rec, loss_at_theta)
+        a_i = interpolated_alpha(loss_at_theta, slope, alphas[0], losses[0], lo)
+        if a_i is not None and abs(a_i - alphas[0]) > 0.1 * alphas[0]:
+            rec.ls_corrected = True
+            alphas.append(a_i)
+            losses += self._losses_along(theta, d, batches, [a_i], rec, loss_at_theta)
+        k = select(alphas, losses)
+        if k is not None and losses[k] < loss_at_theta:
+            return alphas, losses, k
+        a = min(alphas) / 2.0
+        for _ in range(self.line_search.max_backtracks):
+            rec.ls_backtracks += 1
+            alphas.append(a)
+            losses += self._losses_along(theta, d, batches, [a], rec, loss_at_theta)
+            if first_decrease(loss_at_theta, losses[-1:]) is not None:
+                return alphas, losses, len(alphas) - 1
+            a /= 2.0
+        # no confirmed decrease: stay at θ_t (the inner loop restarts, see _finish)
+        return [*alphas, 0.0], [*losses, loss_at_theta], len(alphas)
 
     def _model_along(
         self, theta: Dict, d: Dict, batches: list[Batch], prox_alphas: list[float], rec: GNStepRecord
