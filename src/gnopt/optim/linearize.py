@@ -102,14 +102,18 @@ def call(model: nn.Module, params: Params, inputs: Any) -> Tensor:
     Inside :func:`model_autocast` the call runs under autocast and a bf16 output comes back as float32.
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
+    with _autocast(params):
+        out = functional_call(model, dict(params), args)
+    return _to_float32(out) if _AUTOCAST.get() is not None else out
+
+
+def _autocast(params: Params) -> contextlib.AbstractContextManager[object]:
+    """``torch.autocast`` on the parameters' device inside :func:`model_autocast`, else nothing."""
     dtype = _AUTOCAST.get()
     if dtype is None:
-        return functional_call(model, dict(params), args)
+        return contextlib.nullcontext()
     first = next(iter(params.values()), None)
-    device_type = first.device.type if first is not None else "cpu"
-    with torch.autocast(device_type, dtype=dtype):
-        out = functional_call(model, dict(params), args)
-    return _to_float32(out)
+    return torch.autocast(first.device.type if first is not None else "cpu", dtype=dtype)
 
 
 def forward_with_graph(
@@ -207,15 +211,9 @@ def forward_with_graph_and_tangent(
     leaves = {n: params[n].detach().requires_grad_(True) for n in wrt}
     merged: dict[str, Tensor] = {n: leaves.get(n, p.detach()) for n, p in params.items()}
     tan = {n: t.detach().to(merged[n].dtype) for n, t in tangent.items()}
-    dtype = _AUTOCAST.get()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
-        if dtype is not None:  # as in :func:`call`: bf16 matmuls inside, float32 outputs
-            first = next(iter(merged.values()), None)
-            device_type = first.device.type if first is not None else "cpu"
-            stack.enter_context(torch.autocast(device_type, dtype=dtype))
+    with torch.enable_grad(), _autocast(merged):  # as in :func:`call`: bf16 matmuls inside, float32 out
         z, u = model.forward_with_tangent(merged, inputs, tan)  # type: ignore[operator]
-    if dtype is not None:
+    if _AUTOCAST.get() is not None:
         z, u = _to_float32(z), _to_float32(u)
     return z, leaves, u.detach()
 
