@@ -337,11 +337,11 @@ class GaussNewton:
             ts = time.perf_counter()
             # One primal forward with a reverse graph, shared by every block: all are linearized at θ_t.
             # Full GN on a model with a one-pass tangent forward gets u = JΔ from that same pass.
-            u: Tensor | None = None
+            fused: tuple[Dict, Tensor] | None = None  # (Δ, u = JΔ) of the one block, from the shared pass
             if fused_tangent and not self._blocks[0].at_origin:
-                blk0 = self._blocks[0]
-                delta0 = {n: blk0.theta_hat[n].detach() - theta[n] for n in blk0.names}
-                z, leaves, u = forward_with_graph_and_tangent(self.model, theta, x, self._names, delta0)
+                delta0 = self._delta(self._blocks[0], theta)
+                z, leaves, u0 = forward_with_graph_and_tangent(self.model, theta, x, self._names, delta0)
+                fused = (delta0, u0)
                 rec.passes += _TANGENT
             else:
                 z, leaves = forward_with_graph(self.model, theta, x, self._names)
@@ -355,13 +355,13 @@ class GaussNewton:
                 last = k == len(self._blocks) - 1
                 q_minus_loss0, gnorm = self._inner_step(
                     blk, theta, x, y, z, leaves, loc, loss0, factor, rec, trace=i in q_sums, retain=not last,
-                    first=i == 0, u=u,
+                    first=i == 0, fused=fused,
                 )
                 block_seconds[k] += time.perf_counter() - tb
                 if q_minus_loss0 is not None and i in q_sums:
                     q_sums[i] += q_minus_loss0
                 norms.append(gnorm)
-            del z, leaves, loc, u
+            del z, leaves, loc, fused
         rec.loss = sum(losses) / len(losses)
         rec.q_trace = [q_sums[i] for i in traced]
         rec.q_trace_steps = traced
@@ -391,20 +391,24 @@ class GaussNewton:
         trace: bool,
         retain: bool,
         first: bool = False,
-        u: Tensor | None = None,
+        fused: tuple[Dict, Tensor] | None = None,
     ) -> tuple[float | None, float]:
         """One inner step of one block on the micro-batch whose forward graph is ``z`` (``loc`` = L at z₀).
 
-        ``u`` is JΔ when the shared forward already computed it (full GN, one-pass tangent forward).
-        Returns (model value − L(θ_t) if ``trace`` or prox-linear, else None; the inner gradient norm).
+        ``fused`` is (Δ, JΔ) when the shared forward already computed them (full GN, one-pass tangent
+        forward). Returns (model value − L(θ_t) if ``trace`` or prox-linear, else None; the inner gradient
+        norm).
         """
-        delta = None if blk.at_origin else {n: blk.theta_hat[n].detach() - theta[n] for n in blk.names}
+        if fused is not None:
+            delta, u = fused
+        else:
+            delta = None if blk.at_origin else self._delta(blk, theta)
         model_value: Tensor | float | None = None
         if delta is None:  # Δ = 0: the model's gradient is the loss gradient
             r = loc.grad
             model_value = loss0
         else:
-            if u is None:
+            if fused is None:
                 _, u = jvp(self.model, theta, x, delta)
                 rec.passes += _FWD + _TANGENT
             if first and self.warm_scale:
@@ -696,6 +700,10 @@ class GaussNewton:
             device = next(iter(self._params.values())).device
             vec = self._all_reduce_mean(vec.to(device)).cpu()
         return vec.tolist()
+
+    def _delta(self, blk: _Block, theta: Dict) -> Dict:
+        """Δ = θ̂_b − θ_t for block ``blk``."""
+        return {n: blk.theta_hat[n].detach() - theta[n] for n in blk.names}
 
     def _theta(self) -> Dict:
         return {n: self._params[n].detach() for blk in self._blocks for n in blk.names}
