@@ -58,14 +58,6 @@ def check_supported(precision: str, device: torch.device) -> None:
         )
 
 
-def model_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """The context the model's forward runs in: ``torch.autocast`` for ``bf16-mixed``, else nothing."""
-    dtype = autocast_dtype(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @contextlib.contextmanager
 def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
     """TF32 for float32 matmuls on CUDA under ``bf16-mixed`` (see the module docstring); restored after."""
