@@ -283,17 +283,19 @@ def render_report(results: StudyResults) -> str:
     }.get(results.target_source, results.target_source)
     cfg_rows.append(["target validation loss", f"{tgt} ({how})"])
     lines.append(_table(["", ""], cfg_rows))
-    lines.append("\nMethods and their learning-rate grids (every setting is run at every batch size; the "
-                 "best one is chosen by steps to target, ties by final validation loss):\n")
+    lines.append("\nMethods and their learning-rate grids (every setting is run at each of the method's "
+                 "batch sizes; the best one is chosen by steps to target, ties by final validation loss):\n")
     mrows = []
     for m in spec.methods:
         over = ", ".join(f"{k}={v}" for k, v in m.overrides.items()) or "–"
         grid = ", ".join(f"{x:g}" for x in m.lr)
         if m.adam_lr != (None,):
             grid += " × adam_lr " + ", ".join(f"{x:g}" for x in m.adam_lr if x is not None)
-        mrows.append([m.name, m.optimizer, grid, str(len(m.grid)), over,
+        mrows.append([m.name, m.optimizer, grid, str(len(m.grid)),
+                      ", ".join(_tokens(b) for b in m.batch_tokens) if m.batch_tokens else "all", over,
                       spec.budget_of(m).describe() if m.budget else "experiment's"])
-    lines.append(_table(["method", "optimizer", "lr grid", "settings", "fixed overrides", "budget"], mrows))
+    lines.append(_table(["method", "optimizer", "lr grid", "settings", "batch sizes", "fixed overrides",
+                         "budget"], mrows))
 
     # --- best per (method, batch) --------------------------------------------------------------------
     lines.append("\n## Best setting per method and batch size\n")
@@ -302,7 +304,7 @@ def render_report(results: StudyResults) -> str:
                  "reached within the budget.\n")
     rows = []
     for m in spec.methods:
-        for b in spec.batch_tokens:
+        for b in spec.batches_of(m):
             r = results.best.get((m.name, b))
             if r is None:
                 rows.append([m.name, _tokens(b), "not run"] + ["–"] * 7)

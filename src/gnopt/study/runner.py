@@ -411,8 +411,10 @@ class StudyRunner:
         finished = len(acts) - n_todo
         warm_action = acts[0][1]
         if warm_action != "skip" and not stop.requested:
-            # Same thread count as every run (more threads than free cores is often slower, not faster).
-            warm_threads = self.opt.threads or (1 if self.opt.jobs > 1 else None)
+            # The warm-up runs alone, so it gets the cores of all --jobs workers: jobs x threads (with
+            # --jobs 1, --threads or torch's default).
+            warm_threads = ((self.opt.threads or 1) * self.opt.jobs if self.opt.jobs > 1
+                            else self.opt.threads)
             rest = [r for r, a in acts[1:] if a != "skip"]
             summary = self._run_one(0, n, self.warmup, warm_action, rest, warm_threads, stop)
             if summary.get("completed", True):

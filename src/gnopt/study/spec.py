@@ -94,7 +94,7 @@ EXPERIMENT_KEYS: tuple[str, ...] = (
     "evals_per_run", "eval_every", "warmup_fraction",
 )
 #: Keys of a method table besides TrainConfig fields.
-METHOD_KEYS: tuple[str, ...] = ("optimizer", "lr", "adam_lr", "budget_tokens", "steps")
+METHOD_KEYS: tuple[str, ...] = ("optimizer", "lr", "adam_lr", "budget_tokens", "steps", "batch_tokens")
 #: Keys of the ``[warmup]`` table besides TrainConfig fields.
 WARMUP_KEYS: tuple[str, ...] = ("optimizer", "lr", "adam_lr", "batch_tokens", "steps")
 
@@ -136,6 +136,7 @@ class MethodSpec:
     adam_lr: tuple[float | None, ...] = (None,)
     overrides: Mapping[str, Any] = field(default_factory=dict)
     budget: Budget | None = None  # None: the experiment's budget
+    batch_tokens: tuple[int, ...] | None = None  # None: the experiment's whole grid; else a subset of it
 
     @property
     def is_gn(self) -> bool:
@@ -198,6 +199,10 @@ class StudySpec:
     def budget_of(self, method: MethodSpec) -> Budget:
         return method.budget or self.budget
 
+    def batches_of(self, method: MethodSpec) -> tuple[int, ...]:
+        """The batch sizes ``method`` runs at: its own ``batch_tokens`` subset, or the whole grid."""
+        return method.batch_tokens or self.batch_tokens
+
     def eval_every_for(self, steps: int) -> int:
         if self.eval_every is not None:
             return self.eval_every
@@ -230,7 +235,8 @@ class StudySpec:
                  "overrides": dict(m.overrides),
                  "budget": None if m.budget is None else {
                      "tokens": m.budget.tokens,
-                     "steps": {str(k): v for k, v in (m.budget.steps or {}).items()} or None}}
+                     "steps": {str(k): v for k, v in (m.budget.steps or {}).items()} or None},
+                 "batch_tokens": list(spec_b) if (spec_b := m.batch_tokens) else None}
                 for m in self.methods
             ],
         }
@@ -470,9 +476,22 @@ def spec_from_mapping(raw: Mapping[str, Any], *, path: str | os.PathLike[str]) -
             mwhere, table, extra_allowed=METHOD_KEYS, forbidden=SHARED_FIELDS | STUDY_FIELDS,
             forbidden_why="it must be the same for every method (set it in [base]) or the study sets it",
         )
-        mbudget = _budget(mwhere, table, batches, required=False)
+        mbatches: tuple[int, ...] | None = None
+        if "batch_tokens" in table:
+            raw_b = table["batch_tokens"]
+            if not isinstance(raw_b, list) or not raw_b:
+                raise GnoptError(f"{mwhere}: batch_tokens must be a non-empty list of batch sizes from the "
+                                 f"experiment's grid {list(batches)}, e.g. batch_tokens = [{batches[-1]}].")
+            mbatches = tuple(sorted({_positive_int(f"{mwhere}: batch_tokens entry", b) for b in raw_b}))
+            if len(mbatches) != len(raw_b):
+                raise GnoptError(f"{mwhere}: batch_tokens lists a batch size twice: {raw_b}.")
+            outside = sorted(set(mbatches) - set(batches))
+            if outside:
+                raise GnoptError(f"{mwhere}: batch_tokens {outside} not in the experiment's grid "
+                                 f"{list(batches)} ([experiment] batch_tokens).")
+        mbudget = _budget(mwhere, table, mbatches or batches, required=False)
         methods.append(MethodSpec(name=mname, optimizer=optimizer, lr=lr, adam_lr=adam_lr,
-                                  overrides=overrides, budget=mbudget))
+                                  overrides=overrides, budget=mbudget, batch_tokens=mbatches))
 
     gn_sizes = [len(m.grid) for m in methods if m.is_gn]
     for m in methods:
@@ -536,7 +555,7 @@ def plan_runs(spec: StudySpec, out: Path, *, only: Sequence[str] | None = None) 
         if only and m.name not in only:
             continue
         budget = spec.budget_of(m)
-        for b in spec.batch_tokens:
+        for b in spec.batches_of(m):
             steps = budget.steps_for(b)
             for lr, alr in m.grid:
                 rel = f"runs/{m.name}/B{b}/{lr_dirname(lr, alr)}"
