@@ -19,14 +19,16 @@ from gnopt.errors import GnoptError
 from gnopt.study.analysis import (
     RUN_COLUMNS,
     RunCurve,
+    RunResult,
     fit_critical_batch,
     gn_diagnostics,
     loss_at,
     read_curve,
+    seed_ratios,
     to_target,
 )
 from gnopt.study.runner import run_action
-from gnopt.study.spec import load_spec, plan_runs, warmup_run
+from gnopt.study.spec import load_spec, plan_runs, plan_seed_runs, warmup_run
 from gnopt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,9 +148,85 @@ def test_minimal_experiment_plan(tmp_path: Path) -> None:
     (lambda t: t.replace("lr = [0.01, 0.02]", "lr = [0.01, 0.01]"), "lists a learning rate twice"),
     (lambda t: t.replace("lr = [1e-3, 3e-3]", "lr = [1e-3, 3e-3]\nbogus = 1"), "unknown key 'bogus'"),
     (lambda t: t.replace("batch_tokens = [256, 512]", "batch_tokens = [256, 500]"), "not a multiple"),
+    (lambda t: t.replace("budget_tokens = 2048", "budget_tokens = 2048\nseeds = [1, 2]"),
+     "seeds must begin with the sweep's seed, [base] seed = 0"),
+    (lambda t: t.replace("budget_tokens = 2048", "budget_tokens = 2048\nseeds = [0, 1, 1]"),
+     "lists a seed twice"),
+    (lambda t: t.replace("budget_tokens = 2048", "budget_tokens = 2048\nseeds = [0, -1]"),
+     "seeds must be a non-empty list of non-negative integers"),
+    (lambda t: t.replace("budget_tokens = 2048", "budget_tokens = 2048\nseeds = [0, 1]")
+     + "\n[warmup]\nseed = 1\n", "[warmup] seed = 1 is also a run seed"),
+    (lambda t: t.replace("lr = [0.01, 0.02]", "lr = [0.01, 0.02]\nbatch_tokens = [1024]"),
+     "batch_tokens [1024] not in the experiment's grid [256, 512]"),
+    (lambda t: t.replace("lr = [0.01, 0.02]", "lr = [0.01, 0.02]\nbatch_tokens = 512"),
+     "batch_tokens must be a non-empty list"),
 ])
 def test_experiment_validation_errors(tmp_path: Path, edit: Any, message: str) -> None:
     assert message in _spec_error(tmp_path, edit(MINIMAL))
+
+
+def test_seeds_and_batch_subsets_plan(tmp_path: Path) -> None:
+    path = tmp_path / "exp.toml"
+    path.write_text(MINIMAL.replace("budget_tokens = 2048", "budget_tokens = 2048\nseeds = [0, 3]")
+                    .replace("lr = [0.01, 0.02]", "lr = [0.01, 0.02]\nbatch_tokens = [512]"),
+                    encoding="utf-8")
+    spec = load_spec(path)
+    out = tmp_path / "out"
+    assert spec.seeds == (0, 3) and spec.extra_seeds == (3,)
+    assert [(r.method, r.batch_tokens) for r in plan_runs(spec, out)] == [
+        ("adamw", 256), ("adamw", 256), ("adamw", 512), ("adamw", 512), ("gn", 512), ("gn", 512)]
+    # the warm-up's data order is none of the runs' (default: one past the largest seed)
+    assert warmup_run(spec, out).config.seed == 4
+    seeded = plan_seed_runs(spec, out, {"adamw": (3e-3, None), "gn": (0.02, 1e-3)})
+    assert [(r.method, r.batch_tokens, r.lr, r.adam_lr, r.seed, r.config.seed, r.rel) for r in seeded] == [
+        ("adamw", 512, 3e-3, None, 3, 3, "runs/adamw/B512/lr0.003-seed3"),
+        ("gn", 512, 0.02, 1e-3, 3, 3, "runs/gn/B512/lr0.02-alr0.001-seed3")]
+    assert all(r.config.init_from == str(out / "warmup") and r.steps == 4 for r in seeded)
+    assert seeded[1].config.adam_lr == 1e-3 and "seed=3" in seeded[1].label
+    assert [r.method for r in plan_seed_runs(spec, out, {"adamw": (3e-3, None)}, only=["gn"])] == []
+
+
+def _result(method: str, optimizer: str, seed: int, steps: float | None, passes: float | None = None,
+            wall: float | None = None) -> RunResult:
+    return RunResult(
+        method=method, optimizer=optimizer, batch_tokens=512, n_micro=2, lr=0.01, adam_lr=None, seed=seed,
+        steps_planned=8, steps_done=8, status="done", selected=False, target_loss=3.0,
+        steps_to_target=None if steps is None else int(np.ceil(steps)), steps_to_target_interp=steps,
+        tokens_to_target=None, passes_to_target=passes, wall_to_target=wall, final_val_loss=2.9,
+        best_val_loss=2.9, initial_val_loss=4.0, tokens=4096, passes=16.0, wall_seconds=1.0,
+        seconds_per_step=0.1, run_dir="x")
+
+
+def test_seed_ratios_take_the_best_baseline_per_seed(tmp_path: Path) -> None:
+    path = tmp_path / "exp.toml"
+    path.write_text(MINIMAL.replace("budget_tokens = 2048", "budget_tokens = 2048\nseeds = [0, 1, 2]")
+                    + "\n[methods.muon]\nlr = [0.02, 0.05]\n[methods.gn-layerwise]\nlr = [0.02]\n",
+                    encoding="utf-8")
+    spec = load_spec(path)
+    by_seed = {
+        "adamw": {0: _result("adamw", "adamw", 0, 8.0, 16, 2.0),
+                  1: _result("adamw", "adamw", 1, 6.0, 12, 1.5), 2: _result("adamw", "adamw", 2, None)},
+        "muon": {0: _result("muon", "muon", 0, 4.0, 8, 3.0), 1: _result("muon", "muon", 1, 12.0, 24, 3.0),
+                 2: _result("muon", "muon", 2, 5.0, 10, 1.0)},
+        "gn": {0: _result("gn", "gn", 0, 2.0, 10, 0.5), 1: _result("gn", "gn", 1, 3.0, 12, 1.0),
+               2: _result("gn", "gn", 2, 1.0, 5, 2.0)},
+        "gn-layerwise": {0: _result("gn-layerwise", "gn-layerwise", 0, 3.0, 30, 1.0),
+                         2: _result("gn-layerwise", "gn-layerwise", 2, None)},
+    }
+    ratios = {(r.numerator, r.denominator, r.metric): r for r in seed_ratios(spec, by_seed)}
+    # best baseline per seed: min over the baselines that reached the target (seed 1: AdamW; 0 and 2: Muon)
+    steps = ratios[("best baseline", "gn", "steps")]
+    assert steps.per_seed == {0: 2.0, 1: 2.0, 2: 5.0} and steps.median == 2.0 and (steps.low, steps.high) == (
+        2.0, 5.0)
+    # each metric's best baseline is taken on its own (seed 0: the fewest passes and the least wall time
+    # may come from different baselines)
+    assert ratios[("best baseline", "gn", "passes")].per_seed == {0: 0.8, 1: 1.0, 2: 2.0}
+    assert ratios[("best baseline", "gn", "wall")].per_seed == {0: 4.0, 1: 1.5, 2: 0.5}
+    # a side that missed the target (or has no run in that seed) drops the seed
+    lw = ratios[("gn-layerwise", "gn", "steps")]
+    assert lw.per_seed == {0: 1.5} and lw.median == lw.low == lw.high == 1.5
+    assert ratios[("best baseline", "gn-layerwise", "steps")].per_seed == {0: 4.0 / 3.0}
+    assert ("best baseline", "adamw", "steps") not in ratios  # baselines are not ratios' denominators
 
 
 def test_shipped_experiments_are_valid() -> None:
@@ -379,3 +457,47 @@ def test_run_actions_and_parallel_jobs(tmp_path: Path, capsys: pytest.CaptureFix
     other = dataclasses.replace(run, config=dataclasses.replace(run.config, weight_decay=0.1))
     with pytest.raises(GnoptError, match="weight_decay: 0.0 -> 0.1"):
         run_action(other)
+
+
+def test_seed_runs_follow_the_sweep_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = tmp_path / "seeds.toml"
+    exp.write_text(MINIMAL.replace("budget_tokens = 2048", "budget_tokens = 2048\nseeds = [0, 1]")
+                   .replace("micro_batch_size = 4", "micro_batch_size = 4\neval_tokens = 256")
+                   .replace("lr = [0.01, 0.02]", "lr = [0.02]\nadam_lr = 1e-3\nbatch_tokens = [512]"),
+                   encoding="utf-8")
+    out = tmp_path / "study"
+    printed = _study(capsys, str(exp), "--out", str(out), "--threads", "1", "--quiet")
+    assert "8 runs (warm-up + 5 + 2 seed runs), 0 already finished, 6 to do before the seed runs" in printed
+    assert "sweep done; seed runs at B=512 with seeds 1 of the best settings" in printed
+    # it ends with the comparison at the largest batch, as a table, and says where the report is
+    tail = printed[printed.index("Study 'seeds': best setting of each method at batch 512 tokens"):]
+    header = tail.splitlines()[1].split()
+    assert header[:5] == ["method", "lr", "steps", "to", "target"]
+    assert any(line.startswith("adamw ") for line in tail.splitlines())
+    assert any(line.startswith("gn ") for line in tail.splitlines())
+    assert f"Report: {os.path.relpath(out / 'report.md')}" in tail
+    study = json.loads((out / "study.json").read_text())
+    best = {(b["method"], b["batch_tokens"]): b for b in study["best"]}
+    for method in ("adamw", "gn"):
+        chosen = best[(method, 512)]
+        folder = out / "runs" / method / "B512"
+        seeded = [p for p in folder.iterdir() if p.name.endswith("-seed1")]
+        # the seed run re-runs the setting the sweep selected, with the other data seed, from the warm-up
+        assert [p.name for p in seeded] == [f"lr{chosen['lr']:g}" + (
+            f"-alr{chosen['adam_lr']:g}" if chosen["adam_lr"] is not None else "") + "-seed1"]
+        cfg = json.loads((seeded[0] / "config.json").read_text())["config"]
+        assert cfg["seed"] == 1 and cfg["init_from"] == str(out / "warmup") and cfg["lr"] == chosen["lr"]
+    runs = json.loads((out / "runs.json").read_text())
+    assert len(runs) == 7 and sorted(r["seed"] for r in runs) == [0, 0, 0, 0, 0, 1, 1]
+    ratios = {(r["numerator"], r["denominator"], r["metric"]): r for r in study["seeds"]["ratios"]}
+    seed_runs = {(r["method"], r["seed"]): r for r in study["seed_runs"]}
+    for seed, ratio in ratios[("best baseline", "gn", "steps")]["per_seed"].items():
+        gn = best[("gn", 512)] if seed == "0" else seed_runs[("gn", 1)]
+        ada = best[("adamw", 512)] if seed == "0" else seed_runs[("adamw", 1)]
+        assert ratio == pytest.approx(ada["steps_to_target_interp"] / gn["steps_to_target_interp"])
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Seeds at the largest batch (512 tokens)" in report and "steps, seed 1" in report
+    assert "(seed 1)" in report  # the seed runs are listed with every other run
+    # a second invocation re-runs nothing, seed runs included
+    printed = _study(capsys, str(exp), "--out", str(out), "--threads", "1", "--quiet")
+    assert " start " not in printed and printed.count("finished earlier, skipped") == 7

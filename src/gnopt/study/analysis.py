@@ -43,11 +43,11 @@ import numpy as np
 
 from gnopt.checkpoint import read_json
 from gnopt.config import BASELINE_OPTIMIZERS
-from gnopt.study.spec import RunSpec, StudySpec
+from gnopt.study.spec import RunSpec, StudySpec, plan_seed_runs
 
 #: Column order of ``runs.csv`` (and the keys of each ``runs.json`` record).
 RUN_COLUMNS: tuple[str, ...] = (
-    "method", "optimizer", "batch_tokens", "n_micro", "lr", "adam_lr", "steps_planned", "steps_done",
+    "method", "optimizer", "batch_tokens", "n_micro", "lr", "adam_lr", "seed", "steps_planned", "steps_done",
     "status", "selected", "target_loss", "steps_to_target", "steps_to_target_interp", "tokens_to_target",
     "passes_to_target", "wall_to_target", "final_val_loss", "best_val_loss", "initial_val_loss", "tokens",
     "passes", "wall_seconds", "seconds_per_step", "run_dir",
@@ -236,6 +236,7 @@ class RunResult:
     n_micro: int
     lr: float
     adam_lr: float | None
+    seed: int  # the run's data seed
     steps_planned: int
     steps_done: int
     status: str  # done | partial | missing
@@ -290,7 +291,8 @@ def read_run(run: RunSpec, study_dir: Path) -> RunResult:
     steps_done = int(s.get("steps", 0)) if s else curve.last_step
     return RunResult(
         method=run.method, optimizer=run.optimizer, batch_tokens=run.batch_tokens,
-        n_micro=run.config.n_micro, lr=run.lr, adam_lr=run.adam_lr, steps_planned=run.steps,
+        n_micro=run.config.n_micro, lr=run.lr, adam_lr=run.adam_lr, seed=run.config.seed,
+        steps_planned=run.steps,
         steps_done=steps_done, status=status, selected=False, target_loss=None, steps_to_target=None,
         steps_to_target_interp=None, tokens_to_target=None, passes_to_target=None, wall_to_target=None,
         final_val_loss=_finite(s.get("final_val_loss")) if s else (_finite(evals[-1]) if evals else None),
@@ -425,6 +427,99 @@ def fit_critical_batch(batches: Sequence[float], steps: Sequence[float], *,
 
 
 # ------------------------------------------------------------------------------------------------------
+# seeds
+# ------------------------------------------------------------------------------------------------------
+
+
+def seed_settings(spec: StudySpec,
+                  best: dict[tuple[str, int], RunResult]) -> dict[str, tuple[float, float | None]]:
+    """Each method's best (lr, adam_lr) at the largest batch: what its seed runs re-run."""
+    b = spec.largest_batch
+    return {m.name: (r.lr, r.adam_lr) for m in spec.methods if (r := best.get((m.name, b))) is not None}
+
+
+#: The per-seed quantities a headline ratio can be taken of (RunResult attributes).
+SEED_METRICS: dict[str, str] = {"steps": "steps_to_target_interp", "passes": "passes_to_target",
+                                "wall": "wall_to_target"}
+
+
+@dataclass
+class SeedRatio:
+    """A headline ratio at the largest batch, per seed, with its median and range over seeds.
+
+    ``numerator`` / ``denominator`` name methods; ``"best baseline"`` is, in each seed, the smallest value of
+    the metric over the baselines that reached the target in that seed.
+    """
+
+    numerator: str
+    denominator: str
+    metric: str  # a key of SEED_METRICS
+    per_seed: dict[int, float]
+
+    @property
+    def values(self) -> list[float]:
+        return [self.per_seed[s] for s in sorted(self.per_seed)]
+
+    @property
+    def median(self) -> float | None:
+        return float(np.median(self.values)) if self.per_seed else None
+
+    @property
+    def low(self) -> float | None:
+        return min(self.values) if self.per_seed else None
+
+    @property
+    def high(self) -> float | None:
+        return max(self.values) if self.per_seed else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"numerator": self.numerator, "denominator": self.denominator, "metric": self.metric,
+                "per_seed": {str(k): v for k, v in sorted(self.per_seed.items())}, "median": self.median,
+                "min": self.low, "max": self.high}
+
+
+def _seed_value(spec: StudySpec, by_seed: dict[str, dict[int, RunResult]], name: str, seed: int,
+                attr: str) -> float | None:
+    if name == "best baseline":
+        vals = [v for m in spec.methods if not m.is_gn
+                if (r := by_seed.get(m.name, {}).get(seed)) is not None and r.done
+                and (v := getattr(r, attr)) is not None]
+        return min(vals) if vals else None
+    r = by_seed.get(name, {}).get(seed)
+    return getattr(r, attr) if r is not None and r.done else None
+
+
+def reference_gn(spec: StudySpec) -> str | None:
+    """The GN method the other GN variants are compared with: ``gn`` if declared, else the first GN method."""
+    names = [m.name for m in spec.methods if m.is_gn]
+    return "gn" if "gn" in names else (names[0] if names else None)
+
+
+def seed_ratios(spec: StudySpec, by_seed: dict[str, dict[int, RunResult]]) -> list[SeedRatio]:
+    """The headline ratios over seeds: best baseline / each GN method (steps, passes, wall), and each other
+    GN method / the reference GN method (steps, passes). A seed counts when both sides reached the target."""
+    seeds = sorted({s for runs in by_seed.values() for s in runs})
+    ref = reference_gn(spec)
+    pairs: list[tuple[str, str, str]] = []
+    for m in spec.methods:
+        if m.is_gn:
+            pairs += [("best baseline", m.name, k) for k in SEED_METRICS]
+    for m in spec.methods:
+        if m.is_gn and ref is not None and m.name != ref:
+            pairs += [(m.name, ref, "steps"), (m.name, ref, "passes")]
+    out: list[SeedRatio] = []
+    for num, den, metric in pairs:
+        attr = SEED_METRICS[metric]
+        per_seed: dict[int, float] = {}
+        for s in seeds:
+            a, b = _seed_value(spec, by_seed, num, s, attr), _seed_value(spec, by_seed, den, s, attr)
+            if a is not None and b is not None and b > 0:
+                per_seed[s] = a / b
+        out.append(SeedRatio(numerator=num, denominator=den, metric=metric, per_seed=per_seed))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
 # the whole study
 # ------------------------------------------------------------------------------------------------------
 
@@ -442,6 +537,13 @@ class StudyResults:
     warmup: RunResult | None
     #: line-search / model statistics of the selected GN runs (baselines have none)
     diagnostics: dict[tuple[str, int], GNDiagnostics] = field(default_factory=dict)
+    #: the seed runs ([experiment] seeds), planned from the best settings at the largest batch
+    seed_runs: list[RunResult] = field(default_factory=list)
+    #: method -> seed -> run at the largest batch: the selected sweep run (the [base] seed) and its seed runs
+    by_seed: dict[str, dict[int, RunResult]] = field(default_factory=dict)
+    ratios: list[SeedRatio] = field(default_factory=list)
+    #: GN diagnostics of every seed run (method, seed)
+    seed_diagnostics: dict[tuple[str, int], GNDiagnostics] = field(default_factory=dict)
 
     def _in_order(self, d: dict[tuple[str, int], Any]) -> list[tuple[tuple[str, int], Any]]:
         """Items keyed by (method, batch) in the experiment's method order, then by batch."""
@@ -462,12 +564,26 @@ class StudyResults:
             "critical_batch": {m: (f.to_dict() if f is not None else None) for m, f in self.fits.items()},
             "gn_diagnostics": [{"method": m, "batch_tokens": b, **d.to_dict()}
                                for (m, b), d in self._in_order(self.diagnostics)],
+            "seeds": {
+                "seeds": sorted({s for runs in self.by_seed.values() for s in runs}),
+                "ratios": [r.to_dict() for r in self.ratios],
+                "gn_diagnostics": [{"method": m, "seed": s, **d.to_dict()}
+                                   for (m, s), d in self._in_order(self.seed_diagnostics)],
+            },
             "runs": [r.row() for r in self.runs],
+            "seed_runs": [r.row() for r in self.seed_runs],
         }
 
     def _order(self, method: str) -> int:
         names = [m.name for m in self.spec.methods]
         return names.index(method) if method in names else len(names)
+
+
+def _apply_target(r: RunResult, target: float | None) -> None:
+    r.target_loss = target
+    t = to_target(r.curve, target) if r.done else ToTarget()
+    r.steps_to_target, r.steps_to_target_interp = t.steps, t.steps_interp
+    r.tokens_to_target, r.passes_to_target, r.wall_to_target = t.tokens, t.passes, t.wall
 
 
 def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: RunSpec | None = None,
@@ -482,10 +598,7 @@ def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: R
         target = auto_target(results, spec.largest_batch, spec.target_fraction)
         source = "auto" if target is not None else "auto (no finished baseline run at the largest batch yet)"
     for r in results:
-        r.target_loss = target
-        t = to_target(r.curve, target) if r.done else ToTarget()
-        r.steps_to_target, r.steps_to_target_interp = t.steps, t.steps_interp
-        r.tokens_to_target, r.passes_to_target, r.wall_to_target = t.tokens, t.passes, t.wall
+        _apply_target(r, target)
     best = select_best(results)
     for r in best.values():
         r.selected = True
@@ -496,5 +609,21 @@ def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: R
         fits[m.name] = fit_critical_batch([p[0] for p in pts], [float(p[1]) for p in pts])  # type: ignore[arg-type]
     diagnostics = {key: d for key, r in best.items() if (d := gn_diagnostics(r.curve)) is not None}
     warm = read_run(warmup, study_dir) if warmup is not None else None
+    seed_results: list[RunResult] = []
+    by_seed: dict[str, dict[int, RunResult]] = {}
+    if spec.extra_seeds:
+        seed_results = [read_run(r, study_dir)
+                        for r in plan_seed_runs(spec, study_dir, seed_settings(spec, best))]
+        for r in seed_results:
+            _apply_target(r, target)
+        for m in spec.methods:
+            if (sel := best.get((m.name, spec.largest_batch))) is not None:
+                by_seed[m.name] = {sel.seed: sel}
+        for r in seed_results:
+            by_seed.setdefault(r.method, {})[r.seed] = r
+    seed_diag = {(r.method, r.seed): d for r in seed_results
+                 if r.done and (d := gn_diagnostics(r.curve)) is not None}
     return StudyResults(spec=spec, target_loss=target, target_source=source, runs=results, best=best,
-                        fits=fits, warmup=warm, diagnostics=diagnostics)
+                        fits=fits, warmup=warm, diagnostics=diagnostics, seed_runs=seed_results,
+                        by_seed=by_seed, ratios=seed_ratios(spec, by_seed) if by_seed else [],
+                        seed_diagnostics=seed_diag)

@@ -47,6 +47,7 @@ def add_study_parser(sub: Any) -> argparse.ArgumentParser:
 
 def cmd_study(ns: argparse.Namespace) -> int:
     """Handler of ``gnopt study``; returns the exit status."""
+    from gnopt.study.report import summary_text
     from gnopt.study.runner import StudyOptions, StudyRunner, default_out
     from gnopt.study.spec import load_spec
 
@@ -81,7 +82,10 @@ def cmd_study(ns: argparse.Namespace) -> int:
             runner.actions()  # refuse folders that hold other configurations
             if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
                 raise GnoptError(f"--report-dir {report_dir} exists and is not a folder")
-            runner.report(target_loss=ns.target_loss, report_dir=report_dir)
+            results = runner.report(target_loss=ns.target_loss, report_dir=report_dir)
+        print(summary_text(results, report_dir or out))
         return 0
-    runner.run()
+    results = runner.run()
+    if results is not None:  # None: stopped before every run was done (it said how to continue)
+        print(summary_text(results, out))
     return 0

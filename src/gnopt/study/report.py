@@ -18,7 +18,7 @@ import numpy as np
 
 from gnopt.checkpoint import atomic_write_bytes, atomic_write_text
 from gnopt.errors import GnoptError
-from gnopt.study.analysis import RUN_COLUMNS, RunResult, StudyResults
+from gnopt.study.analysis import RUN_COLUMNS, SEED_METRICS, RunResult, SeedRatio, StudyResults
 
 RUNS_CSV = "runs.csv"
 RUNS_JSON = "runs.json"
@@ -66,6 +66,8 @@ def _fmt(v: Any, kind: str = "g") -> str:
             return f"{v:.1f}"
         if kind == "int":
             return f"{v:,.0f}"
+        if kind == "ratio":
+            return f"{v:.2f}"
         return f"{v:.4g}"
     if isinstance(v, int):
         return f"{v:,}" if kind == "int" else str(v)
@@ -116,7 +118,7 @@ def write_runs_csv(results: StudyResults, path: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(RUN_COLUMNS), lineterminator="\n")
     writer.writeheader()
-    for r in results.runs:
+    for r in [*results.runs, *results.seed_runs]:
         row = r.row()
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     atomic_write_text(path, buf.getvalue())
@@ -239,6 +241,134 @@ def plot_steps_vs_batch(results: StudyResults, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
+def _spread(values: list[float], kind: str) -> str:
+    """``median [min–max]`` of ``values`` (``–`` when empty)."""
+    if not values:
+        return "–"
+    med = float(np.median(values))
+    if len(values) == 1:
+        return _fmt(med, kind)
+    return f"{_fmt(med, kind)} [{_fmt(min(values), kind)}–{_fmt(max(values), kind)}]"
+
+
+def _ratio_name(r: SeedRatio) -> str:
+    what = {"steps": "steps", "passes": "passes", "wall": "wall time"}[r.metric]
+    if r.numerator == "best baseline":
+        return f"{r.denominator}: speed-up over the best baseline ({what} to target)"
+    return f"{r.numerator} / {r.denominator} ({what} to target)"
+
+
+def _seed_sections(results: StudyResults) -> list[str]:
+    """The seed runs: each method's steps / passes / wall to target per seed, the headline ratios (median and
+    range over seeds) and the GN diagnostics of every seed."""
+    spec = results.spec
+    seeds = sorted({s for runs in results.by_seed.values() for s in runs})
+    out = [f"\n## Seeds at the largest batch ({_tokens(spec.largest_batch)} tokens)\n",
+           f"The best setting of every method at the largest batch (chosen at seed {spec.base_seed}, as "
+           f"above) re-run with data seeds {', '.join(str(x) for x in spec.extra_seeds)}: the seed sets the "
+           "order of the training batches and of the micro-batches GN's line search draws; every seed starts "
+           "from the same shared warm start. Steps to target are interpolated; `median [min–max]` over the "
+           "seeds that reached the target.\n"]
+    rows = []
+    for m in spec.methods:
+        runs = results.by_seed.get(m.name)
+        if not runs:
+            continue
+        first = next(iter(runs.values()))
+        per = [_fmt(runs[s].steps_to_target_interp, "steps") if s in runs and runs[s].done
+               else ("not run" if s not in runs else runs[s].status) for s in seeds]
+        done = [r for r in runs.values() if r.done]
+        vals = {k: [v for r in done if (v := getattr(r, a)) is not None] for k, a in SEED_METRICS.items()}
+        rows.append([m.name, _setting(first), *per, _spread(vals["steps"], "steps"),
+                     _spread(vals["passes"], "int"), _spread(vals["wall"], "s"),
+                     _spread([r.final_val_loss for r in done if r.final_val_loss is not None], "loss")])
+    out.append(_table(["method", "lr", *[f"steps, seed {x}" for x in seeds], "steps to target",
+                       "passes to target", "wall to target (s)", "final val loss"], rows))
+    if results.ratios:
+        out.append("\nHeadline ratios, per seed and as median [min–max] over seeds. Speed-up over the best "
+                   "baseline: in each seed, the smallest steps (passes, wall time) to target of any baseline "
+                   "divided by the method's (above 1 = the method needs less). `A / B`: A's value divided by "
+                   "B's (above 1 = A needs more). A seed counts when both sides reached the target.\n")
+        rrows = [[_ratio_name(r), *[f"{r.per_seed[x]:.2f}" if x in r.per_seed else "–" for x in seeds],
+                  _spread(r.values, "ratio")] for r in results.ratios]
+        out.append(_table(["ratio", *[f"seed {x}" for x in seeds], "median [range]"], rrows))
+    drows = []
+    for (m, seed), d in sorted(results.seed_diagnostics.items(), key=lambda kv: (results._order(kv[0][0]),
+                                                                                  kv[0][1])):
+        drows.append([m, str(seed), str(d.steps), _fmt(d.alpha_median), f"{d.share_alpha_one:.0%}",
+                      f"{d.share_at_floor:.0%}", f"{d.share_backtracked:.0%}", _fmt(d.rho_median),
+                      str(d.resets), str(d.rejected), f"{d.passes_per_step:.1f}"])
+    for m in spec.methods:  # the seed-0 runs' diagnostics are in the main table; repeat them here
+        sel = results.by_seed.get(m.name, {}).get(spec.base_seed)
+        if sel is not None and (d := results.diagnostics.get((m.name, spec.largest_batch))) is not None:
+            drows.append([m.name, str(spec.base_seed), str(d.steps), _fmt(d.alpha_median),
+                          f"{d.share_alpha_one:.0%}", f"{d.share_at_floor:.0%}", f"{d.share_backtracked:.0%}",
+                          _fmt(d.rho_median), str(d.resets), str(d.rejected), f"{d.passes_per_step:.1f}"])
+    if drows:
+        drows.sort(key=lambda row: (results._order(row[0]), int(row[1])))
+        out.append("\nGauss-Newton diagnostics per seed (columns as in the diagnostics table below):\n")
+        out.append(_table(["method", "seed", "steps", "α median", "α = 1", "α at floor", "backtracked",
+                           "ρ median", "resets", "rejected", "passes/step"], drows))
+    return out
+
+
+def largest_batch_comparison(
+        results: StudyResults) -> tuple[RunResult | None, list[str], list[list[str]]] | None:
+    """The best run of every method at the largest batch against the baseline with the fewest steps to
+    target: (that baseline, headers, rows); None when no method reached the target there."""
+    spec = results.spec
+    b = spec.largest_batch
+    at_b = [(m, r) for m in spec.methods if (r := results.best.get((m.name, b))) is not None]
+    reached = [(m, r) for m, r in at_b if r.steps_to_target_interp is not None]
+    if not reached:
+        return None
+    base_runs = [r for m, r in reached if not m.is_gn]
+    ref = min(base_runs, key=lambda r: r.steps_to_target_interp or math.inf) if base_runs else None
+
+    def speedup(attr: str, r: RunResult) -> str:
+        a, v = (getattr(ref, attr) if ref is not None else None), getattr(r, attr)
+        return f"{a / v:.2f}x" if a and v else "–"
+
+    rows = []
+    for m, r in at_b:
+        if r.steps_to_target_interp is None:
+            rows.append([m.name, _setting(r), "not reached", "–", "–", "–", "–", "–",
+                         _fmt(r.final_val_loss, "loss")])
+            continue
+        rows.append([m.name, _setting(r), _fmt(r.steps_to_target_interp, "steps"),
+                     speedup("steps_to_target_interp", r), _fmt(r.passes_to_target, "int"),
+                     speedup("passes_to_target", r), _fmt(r.wall_to_target, "s"),
+                     speedup("wall_to_target", r), _fmt(r.final_val_loss, "loss")])
+    headers = ["method", "lr", "steps to target", "speed-up (steps)", "passes to target",
+               "speed-up (passes)", "wall to target (s)", "speed-up (wall)", "final val loss"]
+    return ref, headers, rows
+
+
+def summary_text(results: StudyResults, study_dir: Path) -> str:
+    """What ``gnopt study`` prints when it is done: the comparison at the largest batch as an aligned table,
+    and where the report and the plots are."""
+    spec = results.spec
+    tgt = _fmt(results.target_loss, "loss")
+    lines = [f"Study {spec.name!r}: best setting of each method at batch {_tokens(spec.largest_batch)} "
+             f"tokens, target validation loss {tgt} ({results.target_source})."]
+    comparison = largest_batch_comparison(results)
+    if comparison is None:
+        lines.append("No method reached the target at the largest batch.")
+    else:
+        ref, headers, rows = comparison
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        for row in [headers, *rows]:
+            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                                   enumerate(zip(row, widths, strict=True))).rstrip())
+        if ref is not None:
+            lines.append(f"Speed-ups relative to {ref.method}, the baseline with the fewest steps to target "
+                         "(above 1 = fewer than it).")
+    lines.append(f"Report: {_display_path(study_dir / REPORT_MD)}"
+                 + (f"; validation loss vs step: {_display_path(study_dir / PLOT_LOSS)}"
+                    if (study_dir / PLOT_LOSS).is_file() else ""))
+    return "\n".join(lines)
+
+
 def render_report(results: StudyResults) -> str:
     spec = results.spec
     base = spec.base
@@ -317,30 +447,17 @@ def render_report(results: StudyResults) -> str:
                          "passes to target", "wall to target (s)", "final val loss"], rows))
 
     # --- largest batch comparison -------------------------------------------------------------------
-    b = spec.largest_batch
-    at_b = [(m, r) for m in spec.methods if (r := results.best.get((m.name, b))) is not None]
-    reached = [(m, r) for m, r in at_b if r.steps_to_target_interp is not None]
-    if reached:
-        lines.append(f"\n## At the largest batch ({_tokens(b)} tokens)\n")
-        base_runs = [r for m, r in reached if not m.is_gn]
-        ref = min(base_runs, key=lambda r: r.steps_to_target_interp or math.inf) if base_runs else None
-        rows = []
-        for m, r in at_b:
-            if r.steps_to_target_interp is None:
-                rows.append([m.name, "not reached", "–", "–", "–", "–", "–"])
-                continue
-            ratio = (f"{ref.steps_to_target_interp / r.steps_to_target_interp:.2f}x"
-                     if ref is not None and ref.steps_to_target_interp and r.steps_to_target_interp else "–")
-            pratio = (f"{ref.passes_to_target / r.passes_to_target:.2f}x"
-                      if ref is not None and ref.passes_to_target and r.passes_to_target else "–")
-            wratio = (f"{ref.wall_to_target / r.wall_to_target:.2f}x"
-                      if ref is not None and ref.wall_to_target and r.wall_to_target else "–")
-            rows.append([m.name, _fmt(r.steps_to_target_interp, "steps"), ratio,
-                         _fmt(r.passes_to_target, "int"), pratio, _fmt(r.wall_to_target, "s"), wratio])
+    comparison = largest_batch_comparison(results)
+    if comparison is not None:
+        ref, headers, rows = comparison
+        lines.append(f"\n## At the largest batch ({_tokens(spec.largest_batch)} tokens)\n")
         lines.append("Speed-ups are relative to the baseline with the fewest steps to target"
                      + (f" ({ref.method})" if ref is not None else "") + "; above 1 = fewer than it.\n")
-        lines.append(_table(["method", "steps to target", "speed-up (steps)", "passes to target",
-                             "speed-up (passes)", "wall to target (s)", "speed-up (wall)"], rows))
+        lines.append(_table(headers, rows))
+
+    # --- seeds ----------------------------------------------------------------------------------------
+    if results.by_seed:
+        lines += _seed_sections(results)
 
     # --- critical batch --------------------------------------------------------------------------------
     lines.append("\n## Critical batch size\n")
@@ -404,8 +521,9 @@ def render_report(results: StudyResults) -> str:
     lines.append(f"Every run of the sweep (also in `{RUNS_CSV}` / `{RUNS_JSON}`); ✓ = the selected "
                  "setting.\n")
     rows = []
-    for r in results.runs:
-        rows.append([r.method, _tokens(r.batch_tokens), _setting(r), r.status, "✓" if r.selected else "",
+    for r in [*results.runs, *results.seed_runs]:
+        rows.append([r.method, _tokens(r.batch_tokens), _setting(r) + (
+            f" (seed {r.seed})" if r in results.seed_runs else ""), r.status, "✓" if r.selected else "",
                      f"{r.steps_done}/{r.steps_planned}", _fmt(r.steps_to_target),
                      _fmt(r.final_val_loss, "loss"), _fmt(r.best_val_loss, "loss"), _fmt(r.wall_seconds, "s"),
                      _fmt(r.seconds_per_step, "g")])
@@ -441,7 +559,7 @@ def write_outputs(results: StudyResults, study_dir: Path, *, plots: bool = True)
     write_runs_csv(results, study_dir / RUNS_CSV)
     written.append(study_dir / RUNS_CSV)
     data = _relative_paths(_json_safe(results.to_dict()))
-    atomic_write_text(study_dir / RUNS_JSON, json.dumps(data["runs"], indent=1) + "\n")
+    atomic_write_text(study_dir / RUNS_JSON, json.dumps(data["runs"] + data["seed_runs"], indent=1) + "\n")
     atomic_write_text(study_dir / STUDY_JSON, json.dumps(data, indent=1) + "\n")
     written += [study_dir / RUNS_JSON, study_dir / STUDY_JSON]
     if plots:

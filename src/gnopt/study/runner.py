@@ -63,7 +63,7 @@ from gnopt.errors import GnoptError
 from gnopt.lock import FolderLock
 from gnopt.study.analysis import StudyResults, analyse
 from gnopt.study.report import require_matplotlib, write_outputs
-from gnopt.study.spec import RunSpec, StudySpec, plan_runs, warmup_run
+from gnopt.study.spec import RunSpec, StudySpec, plan_runs, plan_seed_runs, warmup_run
 
 #: Rough wall-clock cost per token relative to AdamW, measured on the ``tiny`` preset on 2 CPU cores (GN
 #: includes its line search). Only used until a method has a finished run of its own.
@@ -302,6 +302,12 @@ class StudyRunner:
         self.warmup = warmup_run(spec, self.out)
         self.runs = plan_runs(spec, self.out, only=options.only)
         self.all_runs = plan_runs(spec, self.out)
+        # The seed runs ([experiment] seeds) re-run each method's best setting at the largest batch, which
+        # only the finished sweep knows: until then these stand-ins (each method's first setting) count
+        # them in the plan and the time estimate.
+        self.seed_standins = plan_seed_runs(spec, self.out, {m.name: m.grid[0] for m in spec.methods},
+                                            only=options.only)
+        self._later: list[RunSpec] = list(self.seed_standins)
         self.cost = CostModel()
         self._say = say
         self._log_fh: Any = None
@@ -342,7 +348,7 @@ class StudyRunner:
     def eta(self, pending: Sequence[RunSpec], current: Sequence[RunSpec] = ()) -> float | None:
         """Estimated seconds for ``pending`` runs plus the rest of ``current`` ones, divided over the jobs."""
         total = 0.0
-        for r in list(pending) + list(current):
+        for r in list(pending) + list(current) + self._later:
             left = r.steps - _steps_done(r)
             e = self.cost.estimate(r, max(left, 0))
             if e is None:
@@ -363,8 +369,16 @@ class StudyRunner:
             self.say(f"{i}/{len(acts) - 1} {a:7s} {r.label}: {r.steps} steps of {r.config.n_micro} "
                      f"micro-batches = {r.steps * r.batch_tokens:,} tokens"
                      + (f", ~{_duration(est)}" if est is not None else "") + f" -> {r.rel}")
-        tokens = sum(r.steps * r.batch_tokens for r in todo)
-        self.say(f"{len(todo)} of {len(acts)} runs to do, {tokens:,} training tokens; estimated "
+        for k, r in enumerate(self.seed_standins):
+            est = self.cost.estimate(r)
+            self.say(f"{len(acts) + k}/{len(acts) - 1 + len(self.seed_standins)} after the sweep: {r.method} "
+                     f"B={r.batch_tokens} at its best setting, seed {r.seed}: {r.steps} steps = "
+                     f"{r.steps * r.batch_tokens:,} tokens"
+                     + (f", ~{_duration(est)}" if est is not None else ""))
+        tokens = sum(r.steps * r.batch_tokens for r in todo + self.seed_standins)
+        self.say(f"{len(todo) + len(self.seed_standins)} of {len(acts) + len(self.seed_standins)} runs to do"
+                 + (f" (at most; {len(self.seed_standins)} seed runs)" if self.seed_standins else "")
+                 + f", {tokens:,} training tokens; estimated "
                  f"{_duration(self.eta(todo))}" + ("" if self.cost.seconds else " (no measured run yet)"))
         preset = self.warmup.config.preset
         if todo and preset in GPU_PRESETS:
@@ -403,10 +417,13 @@ class StudyRunner:
 
     def _run(self, acts: Sequence[tuple[RunSpec, str]], stop: Any) -> StudyResults | None:
         self._seed_costs(acts)
-        n = len(acts) - 1
+        n_seed = len(self.seed_standins)
+        n = len(acts) - 1 + n_seed
+        total = len(acts) + n_seed
         n_todo = sum(a != "skip" for _, a in acts)
-        self.say(f"{len(acts)} runs (warm-up + {n}), {len(acts) - n_todo} already finished, "
-                 f"{n_todo} to do; output {self.out}")
+        self.say(f"{total} runs (warm-up + {len(acts) - 1}" + (f" + {n_seed} seed runs" if n_seed else "")
+                 + f"), {len(acts) - n_todo} already finished, {n_todo} to do"
+                 + (" before the seed runs" if n_seed else "") + f"; output {self.out}")
         stopped: list[tuple[int, RunSpec, int]] = []  # (index, run, step it stopped at)
         finished = len(acts) - n_todo
         warm_action = acts[0][1]
@@ -425,25 +442,57 @@ class StudyRunner:
         for i, (r, a) in enumerate(acts[1:]):
             if a == "skip":
                 self.say(f"run {i + 1}/{n} {r.label}: finished earlier, skipped")
-        if stopped or stop.requested:
-            pass  # the warm-up stopped: every run starts from it
-        elif self.opt.jobs == 1:
-            for k, (idx, r, a) in enumerate(pending):
-                if stop.requested:
-                    break
-                summary = self._run_one(idx, n, r, a, [p[1] for p in pending[k + 1:]], self.opt.threads, stop)
-                if not summary.get("completed", True):
-                    stopped.append((idx, r, int(summary.get("steps") or 0)))
-                    break
-                finished += 1
-        else:
-            done, stopped = self._run_parallel(pending, n, stop)
+        if not (stopped or stop.requested):  # else the warm-up stopped: every run starts from it
+            done, stopped = self._run_pending(pending, n, stop)
             finished += done
-        if stopped or finished < len(acts):
-            self._say_stopped(stop.reason or "a run was stopped", stopped, finished, len(acts))
+        if not stopped and finished == len(acts) and n_seed:
+            seed_acts = self._seed_actions()
+            self._later = []
+            for i, (r, a) in enumerate(seed_acts):
+                if a == "skip":
+                    finished += 1
+                    self.say(f"run {len(acts) + i}/{n} {r.label}: finished earlier, skipped")
+            pending = [(len(acts) + i, r, a) for i, (r, a) in enumerate(seed_acts) if a != "skip"]
+            if pending and not stop.requested:
+                done, stopped = self._run_pending(pending, n, stop)
+                finished += done
+        if stopped or finished < total:
+            self._say_stopped(stop.reason or "a run was stopped", stopped, finished, total)
             return None
         self.say(f"all runs done in {_duration(time.perf_counter() - self.t0)}; writing the report")
         return self.report()
+
+    def _seed_actions(self) -> list[tuple[RunSpec, str]]:
+        """The seed runs of the finished sweep (each method's best setting at the largest batch, as the
+        report selects it) and what to do with each."""
+        from gnopt.study.analysis import seed_settings
+
+        results = analyse(self.spec, self.out, self.all_runs, self.warmup)
+        settings = seed_settings(self.spec, results.best)
+        runs = plan_seed_runs(self.spec, self.out, settings, only=self.opt.only)
+        chosen = ", ".join(f"{m} lr={lr:g}" + (f" adam_lr={alr:g}" if alr is not None else "")
+                           for m, (lr, alr) in settings.items() if not self.opt.only or m in self.opt.only)
+        self.say(f"sweep done; seed runs at B={self.spec.largest_batch} with seeds "
+                 f"{', '.join(map(str, self.spec.extra_seeds))} of the best settings (target "
+                 f"{results.target_loss if results.target_loss is not None else 'undetermined'}): {chosen}")
+        return [(r, run_action(r)) for r in runs]
+
+    def _run_pending(self, pending: Sequence[tuple[int, RunSpec, str]], n: int,
+                     stop: Any) -> tuple[int, list[tuple[int, RunSpec, int]]]:
+        """Run ``pending`` (index, run, action) one at a time or on ``--jobs`` workers; returns the number of
+        runs finished and the runs stopped (index, run, step)."""
+        if self.opt.jobs > 1:
+            return self._run_parallel(pending, n, stop)
+        finished, stopped = 0, []
+        for k, (idx, r, a) in enumerate(pending):
+            if stop.requested:
+                break
+            summary = self._run_one(idx, n, r, a, [p[1] for p in pending[k + 1:]], self.opt.threads, stop)
+            if not summary.get("completed", True):
+                stopped.append((idx, r, int(summary.get("steps") or 0)))
+                break
+            finished += 1
+        return finished, stopped
 
     def _say_stopped(self, reason: str, stopped: Sequence[tuple[int, RunSpec, int]], finished: int,
                      total: int) -> None:

@@ -12,6 +12,8 @@ An experiment file has four parts (``experiments/smoke.toml`` is a complete smal
     target_fraction = 0.667           # "auto": where in the budget the best baseline reaches the target
     evals_per_run = 16                # eval_every = ceil(steps / evals_per_run); or eval_every = N
     warmup_fraction = 0.05            # the shared warm start: 5% of the budget at the largest batch
+    seeds = [0, 1, 2]                 # optional: re-run each method's best setting at the largest batch
+                                      # with data seeds 1 and 2 (the first entry is [base] seed)
 
     [base]                            # TrainConfig keys shared by every run (and the warm-up)
     preset = "tiny"
@@ -31,6 +33,7 @@ An experiment file has four parts (``experiments/smoke.toml`` is a complete smal
     inner_optimizer = "adamw"         # any other TrainConfig key: fixed for every run of the method
     lr = [1e-3, 3e-3]
     adam_lr = 1e-3                    # a number (fixed) or a list (a grid: the product with lr)
+    batch_tokens = [2048]             # optional: run this method at these batch sizes of the grid only
 
 Rules the validation enforces, each with a :class:`~gnopt.errors.GnoptError` naming the file and key:
 
@@ -50,8 +53,15 @@ computed from ``metrics.jsonl``, so the target can change without re-running any
 
 Paths in the file (``data``, ``valid_data``, ``cache_dir``, a ``tokenizer`` file) are relative to the
 experiment file's folder.
-The warm-up run uses the data seed ``seed + 1`` (unless ``[warmup]`` sets ``seed``) so that the runs that
-start from it do not see its batches again.
+The warm-up run uses the data seed ``max(seed, *seeds) + 1`` (unless ``[warmup]`` sets ``seed``, which may
+not be a run seed) so that the runs that start from it do not see its batches again.
+
+**Seeds.** ``seeds = [s0, s1, ...]`` (``s0`` = ``[base]`` seed) declares seed runs: once the sweep is done,
+the best setting of every method at the largest batch (chosen as the report chooses it, at seed ``s0``) is
+re-run with each other seed, from the same shared warm start (:func:`plan_seed_runs`). The seed is the
+run's data seed: it changes the order of the training batches and the micro-batches GN's line search
+draws; the model starts from the warm start's weights in every seed. The report gives each method's
+steps, passes and wall time to target per seed and each headline ratio as the median and range over seeds.
 """
 
 from __future__ import annotations
@@ -91,7 +101,7 @@ STUDY_FIELDS: frozenset[str] = frozenset(
 #: Keys of the ``[experiment]`` table.
 EXPERIMENT_KEYS: tuple[str, ...] = (
     "name", "description", "batch_tokens", "budget_tokens", "steps", "target_loss", "target_fraction",
-    "evals_per_run", "eval_every", "warmup_fraction",
+    "evals_per_run", "eval_every", "warmup_fraction", "seeds",
 )
 #: Keys of a method table besides TrainConfig fields.
 METHOD_KEYS: tuple[str, ...] = ("optimizer", "lr", "adam_lr", "budget_tokens", "steps", "batch_tokens")
@@ -160,11 +170,13 @@ class RunSpec:
     steps: int
     rel: str  # output folder relative to the study folder
     config: TrainConfig
+    seed: int | None = None  # a seed run (:func:`plan_seed_runs`); None: a run of the sweep ([base] seed)
 
     @property
     def label(self) -> str:
         alr = f" adam_lr={self.adam_lr:g}" if self.adam_lr is not None else ""
-        return f"{self.method} B={self.batch_tokens} lr={self.lr:g}{alr}"
+        seed = f" seed={self.seed}" if self.seed is not None else ""
+        return f"{self.method} B={self.batch_tokens} lr={self.lr:g}{alr}{seed}"
 
 
 @dataclass(frozen=True)
@@ -184,10 +196,20 @@ class StudySpec:
     warmup_fraction: float
     warmup: Mapping[str, Any]
     methods: tuple[MethodSpec, ...]
+    seeds: tuple[int, ...] = ()  # [experiment] seeds (the [base] seed first); () = the sweep's seed only
 
     @property
     def largest_batch(self) -> int:
         return self.batch_tokens[-1]
+
+    @property
+    def base_seed(self) -> int:
+        return int(self.base.get("seed", 0))
+
+    @property
+    def extra_seeds(self) -> tuple[int, ...]:
+        """The seeds whose runs re-run each method's best setting at the largest batch."""
+        return tuple(s for s in self.seeds if s != self.base_seed)
 
     def method(self, name: str) -> MethodSpec:
         for m in self.methods:
@@ -230,6 +252,7 @@ class StudySpec:
             "eval_every": self.eval_every,
             "warmup_fraction": self.warmup_fraction,
             "warmup": dict(self.warmup),
+            "seeds": list(self.seeds) or [self.base_seed],
             "methods": [
                 {"name": m.name, "optimizer": m.optimizer, "lr": list(m.lr), "adam_lr": list(m.adam_lr),
                  "overrides": dict(m.overrides),
@@ -414,6 +437,16 @@ def spec_from_mapping(raw: Mapping[str, Any], *, path: str | os.PathLike[str]) -
     else:
         evals_per_run = _positive_int(f"{where}: [experiment] evals_per_run", exp.get("evals_per_run", 20))
     warmup_fraction = _fraction(f"{where}: [experiment] warmup_fraction", exp.get("warmup_fraction", 0.05))
+    seeds: tuple[int, ...] = ()
+    if "seeds" in exp:
+        raw_seeds = exp["seeds"]
+        if not isinstance(raw_seeds, list) or not raw_seeds or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in raw_seeds):
+            raise GnoptError(f"{where}: [experiment] seeds must be a non-empty list of non-negative integers "
+                             f"(data seeds), e.g. seeds = [0, 1, 2], got {raw_seeds!r}.")
+        if len(set(raw_seeds)) != len(raw_seeds):
+            raise GnoptError(f"{where}: [experiment] seeds lists a seed twice: {raw_seeds}.")
+        seeds = tuple(raw_seeds)
 
     folder = Path(path).parent
     base_raw = raw.get("base", {})
@@ -423,6 +456,10 @@ def spec_from_mapping(raw: Mapping[str, Any], *, path: str | os.PathLike[str]) -
                               forbidden_why="the study sets it for every run")
     base = _resolve_paths(base, folder)
     base_cfg = config_from_mapping(base, where=f"{where}: [base]")
+    if seeds and seeds[0] != base_cfg.seed:
+        raise GnoptError(f"{where}: [experiment] seeds must begin with the sweep's seed, [base] seed = "
+                         f"{base_cfg.seed} (the other seeds re-run each method's best setting at the largest "
+                         f"batch), got {list(seeds)}.")
 
     warm_raw = raw.get("warmup", {})
     if not isinstance(warm_raw, dict):
@@ -447,7 +484,11 @@ def spec_from_mapping(raw: Mapping[str, Any], *, path: str | os.PathLike[str]) -
                                            warm_raw.get("batch_tokens", batches[0]))
     if "steps" in warm_raw:
         warmup["steps"] = _positive_int(f"{where}: [warmup] steps", warm_raw["steps"])
-    warmup.setdefault("seed", base_cfg.seed + 1)
+    # A data order that no run replays: the warm-up's batches are not seen again by the runs of any seed.
+    warmup.setdefault("seed", max((base_cfg.seed, *seeds)) + 1)
+    if warmup["seed"] in (seeds or (base_cfg.seed,)):
+        raise GnoptError(f"{where}: [warmup] seed = {warmup['seed']} is also a run seed, so those runs would "
+                         "replay the warm start's batches; give the warm-up another seed.")
 
     methods_raw = raw["methods"]
     if not methods_raw:
@@ -505,10 +546,12 @@ def spec_from_mapping(raw: Mapping[str, Any], *, path: str | os.PathLike[str]) -
         path=p, name=name, description=description, base=base, batch_tokens=batches, budget=budget,
         target_loss=target_loss, target_fraction=target_fraction, evals_per_run=evals_per_run,
         eval_every=eval_every, warmup_fraction=warmup_fraction, warmup=warmup, methods=tuple(methods),
+        seeds=seeds,
     )
     # Build (and resolve) every run once, so any invalid value surfaces now, naming its table.
     warmup_run(spec, Path("<out>"))
     plan_runs(spec, Path("<out>"))
+    plan_seed_runs(spec, Path("<out>"), {m.name: m.grid[0] for m in spec.methods})
     return spec
 
 
@@ -569,6 +612,35 @@ def plan_runs(spec: StudySpec, out: Path, *, only: Sequence[str] | None = None) 
                 cfg = _resolved(values, f"experiment {spec.name!r}: [methods.{m.name}] at batch_tokens={b}")
                 runs.append(RunSpec(method=m.name, optimizer=m.optimizer, batch_tokens=b, lr=lr, adam_lr=alr,
                                     steps=steps, rel=rel, config=cfg))
+    return runs
+
+
+def plan_seed_runs(spec: StudySpec, out: Path, settings: Mapping[str, tuple[float, float | None]],
+                   *, only: Sequence[str] | None = None) -> list[RunSpec]:
+    """The seed runs: for every method with a setting in ``settings`` (its best (lr, adam_lr) at the largest
+    batch, chosen from the sweep) and every extra seed of ``[experiment] seeds``, that setting re-run at the
+    largest batch with that data seed, from the same shared warm start, into
+    ``runs/<method>/B<batch>/<lr folder>-seed<seed>``. Methods that do not run at the largest batch get none.
+    """
+    b = spec.largest_batch
+    runs: list[RunSpec] = []
+    for m in spec.methods:
+        if m.name not in settings or b not in spec.batches_of(m) or (only and m.name not in only):
+            continue
+        lr, alr = settings[m.name]
+        steps = spec.budget_of(m).steps_for(b)
+        for seed in spec.extra_seeds:
+            rel = f"runs/{m.name}/B{b}/{lr_dirname(lr, alr)}-seed{seed}"
+            values: dict[str, Any] = {
+                **spec.base, **m.overrides, "optimizer": m.optimizer, "lr": lr, "batch_tokens": b,
+                "steps": steps, "eval_every": spec.eval_every_for(steps), "init_from": str(out / "warmup"),
+                "out": str(out / rel), "seed": seed,
+            }
+            if alr is not None:
+                values["adam_lr"] = alr
+            cfg = _resolved(values, f"experiment {spec.name!r}: [methods.{m.name}] seed {seed}")
+            runs.append(RunSpec(method=m.name, optimizer=m.optimizer, batch_tokens=b, lr=lr, adam_lr=alr,
+                                steps=steps, rel=rel, config=cfg, seed=seed))
     return runs
 
 
