@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -156,15 +157,17 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def readme_commands() -> tuple[str, str]:
-    """(main `gnopt train` command, test command) from the README's first two bash blocks."""
+    """(main `gnopt study` command, test command) from the README's first two bash blocks."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    train_cmd = next(line for line in blocks[0].splitlines() if line.startswith("gnopt train "))
+    main_cmd = next(line.split("#")[0].strip() for line in blocks[0].splitlines()
+                    if line.startswith("gnopt study "))
     *installs, test_cmd = (line.split("#")[0].strip() for line in blocks[1].splitlines() if line.strip())
     assert installs == ["pip install -c constraints.txt -e '.[dev]'",
                         "pip install -c constraints.txt --no-deps curvlinops-for-pytorch==3.0.1"]
-    assert blocks[0].splitlines()[0] == "pip install -c constraints.txt -e ."
-    return train_cmd, test_cmd
+    # the plot needs matplotlib
+    assert blocks[0].splitlines()[0] == "pip install -c constraints.txt -e '.[plot]'"
+    return main_cmd, test_cmd
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
@@ -178,14 +181,59 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert lines[-1] == test_cmd == "pytest -q"
 
 
-def test_readme_main_command_runs_at_smoke_size(tmp_path: Path) -> None:
-    """The README's main command, unchanged except: 2 steps, a small evaluation, a temporary --out."""
-    train_cmd, _ = readme_commands()
+def _toml(data: dict[str, Any]) -> str:
+    """TOML for the experiment files' shapes: tables of scalars and lists, and their subtables."""
+    def value(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    def table(name: str, body: dict[str, Any]) -> list[str]:
+        lines = [f"[{name}]"] + [f"{k} = {value(v)}" for k, v in body.items() if not isinstance(v, dict)]
+        for k, v in body.items():
+            if isinstance(v, dict):
+                lines += table(f"{name}.{k}", v)
+        return lines
+
+    return "\n".join(line for name, body in data.items() for line in table(name, body)) + "\n"
+
+
+def test_readme_main_command_runs_at_smoke_size(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's main command on its experiment file, shrunk to smoke size (the same methods, corpus,
+    model and protocol; tiny batches, budgets and evaluations): it ends in the printed comparison table and
+    writes the plot and the report."""
+    main_cmd, _ = readme_commands()
+    argv = shlex.split(main_cmd)
+    assert argv[:3] == ["gnopt", "study", "experiments/quickstart.toml"]
+    exp = tomllib.loads((ROOT / argv[2]).read_text(encoding="utf-8"))
+    assert "data" not in exp["base"]  # the embedded default corpus: no download
+    largest = max(exp["experiment"]["batch_tokens"])
+    exp["experiment"].update(batch_tokens=[256, 512], budget_tokens=1024, evals_per_run=2)
+    exp["base"].update(micro_batch_size=2, eval_tokens=512, warmup_steps=0)
+    exp["warmup"].update(batch_tokens=256, steps=2, warmup_steps=0)
+    for method in exp["methods"].values():
+        if "batch_tokens" in method:
+            method["batch_tokens"] = [512 if b == largest else 256 for b in method["batch_tokens"]]
+    path = tmp_path / "quickstart.toml"
+    path.write_text(_toml(exp), encoding="utf-8")
+    out = tmp_path / "study"
+    assert main(["study", str(path), *argv[3:], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("Study 'quickstart': best setting of each method at batch 512 tokens"):]
+    rows = [line.split()[0] for line in table.splitlines()[2:] if line and not line[0].isupper()]
+    assert rows == list(exp["methods"])
+    assert (out / "val_loss_largest_batch.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## At the largest batch" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_readme_single_model_command_runs_at_smoke_size(tmp_path: Path) -> None:
+    """The README's `gnopt train` example, unchanged except: 2 steps, a small evaluation, a temporary --out."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    train_cmd = next(line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+                     for line in block.splitlines() if line.startswith("gnopt train --preset cpu-small"))
     argv = shlex.split(train_cmd)
-    assert argv[:2] == ["gnopt", "train"] and "--data" not in argv  # embedded corpus, no download
+    assert "--data" not in argv  # embedded corpus, no download
     args = argv[1:]
-    smoke = {"--steps": "2", "--out": str(tmp_path / "demo")}
-    for flag, value in smoke.items():
+    for flag, value in {"--steps": "2", "--out": str(tmp_path / "demo")}.items():
         args[args.index(flag) + 1] = value
     args += ["--eval-tokens", "2048", "--quiet", "--threads", "1"]
     assert main(args) == 0

@@ -18,7 +18,14 @@ import numpy as np
 
 from gnopt.checkpoint import atomic_write_bytes, atomic_write_text
 from gnopt.errors import GnoptError
-from gnopt.study.analysis import RUN_COLUMNS, SEED_METRICS, RunResult, SeedRatio, StudyResults
+from gnopt.study.analysis import (
+    RUN_COLUMNS,
+    SEED_METRICS,
+    CriticalBatchFit,
+    RunResult,
+    SeedRatio,
+    StudyResults,
+)
 
 RUNS_CSV = "runs.csv"
 RUNS_JSON = "runs.json"
@@ -363,6 +370,15 @@ def summary_text(results: StudyResults, study_dir: Path) -> str:
         if ref is not None:
             lines.append(f"Speed-ups relative to {ref.method}, the baseline with the fewest steps to target "
                          "(above 1 = fewer than it).")
+    fits = [(m, f) for m in spec.methods if (f := results.fits.get(m.name)) is not None]
+    if fits:
+        def crit(name: str, f: CriticalBatchFit) -> str:
+            times = f" (the largest batch is {spec.largest_batch / f.b_crit:.0f}x it)" if f.b_crit > 0 else ""
+            edge = {"above": ", beyond the grid", "below": ", below the grid"}.get(f.bound or "", "")
+            return f"{name} {_tokens(f.b_crit)} tokens{times}{edge}"
+
+        lines.append("Critical batch size (fit of steps to target over the batch grid): "
+                     + "; ".join(crit(m.name, f) for m, f in fits) + ".")
     lines.append(f"Report: {_display_path(study_dir / REPORT_MD)}"
                  + (f"; validation loss vs step: {_display_path(study_dir / PLOT_LOSS)}"
                     if (study_dir / PLOT_LOSS).is_file() else ""))
