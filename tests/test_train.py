@@ -226,7 +226,7 @@ def test_readme_main_command_runs_at_smoke_size(tmp_path: Path,
 
 
 def test_readme_single_model_command_runs_at_smoke_size(tmp_path: Path) -> None:
-    """The README's `gnopt train` example, unchanged except: 2 steps, a small evaluation, a temporary --out."""
+    """The README's `gnopt train` example, unchanged except: 2 steps, a small evaluation, a temp --out."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     train_cmd = next(line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
                      for line in block.splitlines() if line.startswith("gnopt train --preset cpu-small"))
