@@ -242,6 +242,31 @@ def test_shipped_experiments_are_valid() -> None:
         v for k, v in sizes.items() if k.startswith("gn"))
 
 
+def test_cpu_lm_experiment_meets_its_protocol() -> None:
+    """experiments/cpu-lm.toml: >= 1M parameters, BPE >= 2048, sequence >= 128, a warm start of >= 5% of the
+    model's Chinchilla budget, 3 seeds, every baseline tuned at least as much as any GN variant."""
+    from gnopt.model import build_model
+
+    spec = load_spec(ROOT / "experiments" / "cpu-lm.toml")
+    base = spec.base
+    n_params = sum(p.numel() for p in build_model(base["preset"], vocab_size=base["vocab_size"],
+                                                   seq_len=base["seq_len"]).parameters())
+    assert n_params >= 1_000_000 and base["tokenizer"] == "bpe" and base["vocab_size"] >= 2048
+    assert base["seq_len"] >= 128 and spec.seeds == (0, 1, 2)
+    warm = warmup_run(spec, Path("out"))
+    assert warm.steps * warm.batch_tokens >= 0.05 * 20 * n_params
+    assert warm.config.seed not in spec.seeds
+    assert {m.optimizer for m in spec.methods} == {"adamw", "muon", "soap", "gn", "gn-layerwise",
+                                                    "gn-prox-linear"}
+    paper = spec.method("gn-paper")
+    assert paper.overrides.get("ls_kind") == "grid" and spec.method("gn").overrides.get("ls_kind") is None
+    gn_max = max(len(m.grid) for m in spec.methods if m.is_gn)
+    assert all(len(m.grid) >= gn_max for m in spec.methods if not m.is_gn)
+    assert all(spec.largest_batch in spec.batches_of(m) for m in spec.methods)
+    quick = load_spec(ROOT / "experiments" / "quickstart.toml")
+    assert "data" not in quick.base and quick.extra_seeds == ()
+
+
 # ------------------------------------------------------------------------------------------------------
 # analysis: the S(B) fit, steps to target
 # ------------------------------------------------------------------------------------------------------
