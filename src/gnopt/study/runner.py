@@ -61,7 +61,7 @@ from gnopt.checkpoint import read_json
 from gnopt.config import fingerprint, fingerprint_diff, fingerprint_fields
 from gnopt.errors import GnoptError
 from gnopt.lock import FolderLock
-from gnopt.study.analysis import StudyResults, analyse
+from gnopt.study.analysis import StudyResults, analyse, seed_settings
 from gnopt.study.report import require_matplotlib, write_outputs
 from gnopt.study.spec import RunSpec, StudySpec, plan_runs, plan_seed_runs, warmup_run
 
@@ -448,6 +448,8 @@ class StudyRunner:
         if not stopped and finished == len(acts) and n_seed:
             seed_acts = self._seed_actions()
             self._later = []
+            # a method with no finished run at the largest batch has no seed runs
+            total = len(acts) + len(seed_acts)
             for i, (r, a) in enumerate(seed_acts):
                 if a == "skip":
                     finished += 1
@@ -465,8 +467,6 @@ class StudyRunner:
     def _seed_actions(self) -> list[tuple[RunSpec, str]]:
         """The seed runs of the finished sweep (each method's best setting at the largest batch, as the
         report selects it) and what to do with each."""
-        from gnopt.study.analysis import seed_settings
-
         results = analyse(self.spec, self.out, self.all_runs, self.warmup)
         settings = seed_settings(self.spec, results.best)
         runs = plan_seed_runs(self.spec, self.out, settings, only=self.opt.only)
