@@ -65,11 +65,13 @@ from gnopt.study.analysis import StudyResults, analyse, seed_settings
 from gnopt.study.report import require_matplotlib, write_outputs
 from gnopt.study.spec import RunSpec, StudySpec, plan_runs, plan_seed_runs, warmup_run
 
-#: Rough wall-clock cost per token relative to AdamW, measured on the ``tiny`` preset on 2 CPU cores (GN
-#: includes its line search). Only used until a method has a finished run of its own.
+#: Rough wall-clock cost per token relative to AdamW, measured in the ``cpu-lm`` study (``cpu-small``, 2 CPU
+#: cores, two 1-thread runs side by side; GN includes the default model line search, the paper's grid search
+#: costs about 2x more; Shampoo was not run there and gets SOAP's). Only used until a method has a
+#: finished run of its own.
 COST_PRIORS: dict[str, float] = {
-    "adamw": 1.0, "muon": 1.1, "soap": 1.0, "shampoo": 1.1,
-    "gn": 6.5, "gn-prox-linear": 6.5, "gn-layerwise": 10.0,
+    "adamw": 1.0, "muon": 1.0, "soap": 1.3, "shampoo": 1.3,
+    "gn": 1.9, "gn-prox-linear": 1.9, "gn-layerwise": 5.0,
 }
 LOG_NAME = "study.log"
 #: Seconds between a worker's checks whether its study asked it to stop or died.
