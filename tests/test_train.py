@@ -243,6 +243,7 @@ def test_readme_single_model_command_runs_at_smoke_size(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/results/cpu.md", "docs/results/cpu/report.md",
+                                 "docs/results/cpu-lm.md", "docs/results/cpu-lm/report.md",
                                  "docs/architecture.md"])
 def test_relative_links_in_the_docs_point_at_files(doc: str) -> None:
     """Every relative markdown link or image (results pages, plots, experiment files) exists in the repo."""

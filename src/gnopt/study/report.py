@@ -373,9 +373,12 @@ def summary_text(results: StudyResults, study_dir: Path) -> str:
     fits = [(m, f) for m in spec.methods if (f := results.fits.get(m.name)) is not None]
     if fits:
         def crit(name: str, f: CriticalBatchFit) -> str:
-            times = f" (the largest batch is {spec.largest_batch / f.b_crit:.0f}x it)" if f.b_crit > 0 else ""
-            edge = {"above": ", beyond the grid", "below": ", below the grid"}.get(f.bound or "", "")
-            return f"{name} {_tokens(f.b_crit)} tokens{times}{edge}"
+            if f.bound == "above":
+                return f"{name} beyond the grid (its steps still fall with the batch)"
+            if f.bound == "below" or f.b_crit <= 0:
+                return f"{name} below the grid (no gain from batch size in it)"
+            return (f"{name} {_tokens(f.b_crit)} tokens (the largest batch is "
+                    f"{spec.largest_batch / f.b_crit:.1f}x it)")
 
         lines.append("Critical batch size (fit of steps to target over the batch grid): "
                      + "; ".join(crit(m.name, f) for m, f in fits) + ".")
