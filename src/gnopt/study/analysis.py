@@ -28,6 +28,12 @@ Definitions (all documented in the study report as well):
   size at all in this grid).
 * ``target_loss = "auto"``: the lowest validation loss that a finished baseline run at the largest batch
   has at ``target_fraction`` of its step budget (linear interpolation between evaluations).
+* **seed runs** (``[experiment] seeds``): each method's best setting at the largest batch re-run with the
+  other data seeds (:func:`gnopt.study.spec.plan_seed_runs`); the selected sweep run is the ``[base]`` seed's.
+  A **headline ratio over seeds** (:func:`seed_ratios`) is computed within each seed, "best baseline" being
+  the smallest value of that metric (steps, passes or wall time to target) over the baselines that reached
+  the target in that seed, and summarised by its median and range; a seed counts when both sides reached
+  the target.
 """
 
 from __future__ import annotations
