@@ -395,8 +395,10 @@ def render_report(results: StudyResults) -> str:
     if spec.description:
         lines.append(spec.description.strip() + "\n")
     done = sum(r.done for r in results.runs)
+    seeds_done = sum(r.done for r in results.seed_runs)
+    seeds = f", seed runs {seeds_done} of {len(results.seed_runs)}" if results.seed_runs else ""
     lines.append(f"Experiment file: `{_display_path(spec.path)}`. "
-                 f"Runs finished: {done} of {len(results.runs)}.\n")
+                 f"Runs finished: {done} of {len(results.runs)}{seeds}.\n")
 
     # --- protocol -----------------------------------------------------------------------------------
     lines.append("## Protocol\n")
