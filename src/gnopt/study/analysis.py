@@ -548,7 +548,7 @@ class StudyResults:
     #: method -> seed -> run at the largest batch: the selected sweep run (the [base] seed) and its seed runs
     by_seed: dict[str, dict[int, RunResult]] = field(default_factory=dict)
     ratios: list[SeedRatio] = field(default_factory=list)
-    #: GN diagnostics of every seed run (method, seed)
+    #: GN diagnostics at the largest batch per (method, seed), the [base] seed's selected run included
     seed_diagnostics: dict[tuple[str, int], GNDiagnostics] = field(default_factory=dict)
 
     def _in_order(self, d: dict[tuple[str, int], Any]) -> list[tuple[tuple[str, int], Any]]:
@@ -627,7 +627,7 @@ def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: R
                 by_seed[m.name] = {sel.seed: sel}
         for r in seed_results:
             by_seed.setdefault(r.method, {})[r.seed] = r
-    seed_diag = {(r.method, r.seed): d for r in seed_results
+    seed_diag = {(m, seed): d for m, runs in by_seed.items() for seed, r in runs.items()
                  if r.done and (d := gn_diagnostics(r.curve)) is not None}
     return StudyResults(spec=spec, target_loss=target, target_source=source, runs=results, best=best,
                         fits=fits, warmup=warm, diagnostics=diagnostics, seed_runs=seed_results,

@@ -305,14 +305,7 @@ def _seed_sections(results: StudyResults) -> list[str]:
         drows.append([m, str(seed), str(d.steps), _fmt(d.alpha_median), f"{d.share_alpha_one:.0%}",
                       f"{d.share_at_floor:.0%}", f"{d.share_backtracked:.0%}", _fmt(d.rho_median),
                       str(d.resets), str(d.rejected), f"{d.passes_per_step:.1f}"])
-    for m in spec.methods:  # the seed-0 runs' diagnostics are in the main table; repeat them here
-        sel = results.by_seed.get(m.name, {}).get(spec.base_seed)
-        if sel is not None and (d := results.diagnostics.get((m.name, spec.largest_batch))) is not None:
-            drows.append([m.name, str(spec.base_seed), str(d.steps), _fmt(d.alpha_median),
-                          f"{d.share_alpha_one:.0%}", f"{d.share_at_floor:.0%}", f"{d.share_backtracked:.0%}",
-                          _fmt(d.rho_median), str(d.resets), str(d.rejected), f"{d.passes_per_step:.1f}"])
     if drows:
-        drows.sort(key=lambda row: (results._order(row[0]), int(row[1])))
         out.append("\nGauss-Newton diagnostics per seed (columns as in the diagnostics table below):\n")
         out.append(_table(["method", "seed", "steps", "α median", "α = 1", "α at floor", "backtracked",
                            "ρ median", "resets", "rejected", "passes/step"], drows))
