@@ -584,6 +584,26 @@ def warmup_run(spec: StudySpec, out: Path) -> RunSpec:
                    adam_lr=cfg.adam_lr if "adam_lr" in w else None, steps=steps, rel="warmup", config=cfg)
 
 
+def _method_run(spec: StudySpec, m: MethodSpec, out: Path, b: int, lr: float, alr: float | None,
+                seed: int | None = None) -> RunSpec:
+    """One run of method ``m`` at batch ``b`` and setting (lr, adam_lr), from the shared warm start: a run of
+    the sweep (``seed`` None: the ``[base]`` seed) or a seed run (``-seed<seed>`` folder, that data seed)."""
+    steps = spec.budget_of(m).steps_for(b)
+    rel = f"runs/{m.name}/B{b}/{lr_dirname(lr, alr)}" + (f"-seed{seed}" if seed is not None else "")
+    values: dict[str, Any] = {
+        **spec.base, **m.overrides, "optimizer": m.optimizer, "lr": lr, "batch_tokens": b, "steps": steps,
+        "eval_every": spec.eval_every_for(steps), "init_from": str(out / "warmup"), "out": str(out / rel),
+    }
+    if alr is not None:
+        values["adam_lr"] = alr
+    if seed is not None:
+        values["seed"] = seed
+    where = f"[methods.{m.name}] " + (f"seed {seed}" if seed is not None else f"at batch_tokens={b}")
+    cfg = _resolved(values, f"experiment {spec.name!r}: {where}")
+    return RunSpec(method=m.name, optimizer=m.optimizer, batch_tokens=b, lr=lr, adam_lr=alr, steps=steps,
+                   rel=rel, config=cfg, seed=seed)
+
+
 def plan_runs(spec: StudySpec, out: Path, *, only: Sequence[str] | None = None) -> list[RunSpec]:
     """Every run of the study, in order: method (file order), batch size (ascending), grid point.
 
@@ -592,27 +612,8 @@ def plan_runs(spec: StudySpec, out: Path, *, only: Sequence[str] | None = None) 
     if only:
         for n in only:
             spec.method(n)  # raises for an unknown name
-    init = str(out / "warmup")
-    runs: list[RunSpec] = []
-    for m in spec.methods:
-        if only and m.name not in only:
-            continue
-        budget = spec.budget_of(m)
-        for b in spec.batches_of(m):
-            steps = budget.steps_for(b)
-            for lr, alr in m.grid:
-                rel = f"runs/{m.name}/B{b}/{lr_dirname(lr, alr)}"
-                values: dict[str, Any] = {
-                    **spec.base, **m.overrides, "optimizer": m.optimizer, "lr": lr, "batch_tokens": b,
-                    "steps": steps, "eval_every": spec.eval_every_for(steps), "init_from": init,
-                    "out": str(out / rel),
-                }
-                if alr is not None:
-                    values["adam_lr"] = alr
-                cfg = _resolved(values, f"experiment {spec.name!r}: [methods.{m.name}] at batch_tokens={b}")
-                runs.append(RunSpec(method=m.name, optimizer=m.optimizer, batch_tokens=b, lr=lr, adam_lr=alr,
-                                    steps=steps, rel=rel, config=cfg))
-    return runs
+    return [_method_run(spec, m, out, b, lr, alr) for m in spec.methods if not (only and m.name not in only)
+            for b in spec.batches_of(m) for lr, alr in m.grid]
 
 
 def plan_seed_runs(spec: StudySpec, out: Path, settings: Mapping[str, tuple[float, float | None]],
@@ -623,25 +624,9 @@ def plan_seed_runs(spec: StudySpec, out: Path, settings: Mapping[str, tuple[floa
     ``runs/<method>/B<batch>/<lr folder>-seed<seed>``. Methods that do not run at the largest batch get none.
     """
     b = spec.largest_batch
-    runs: list[RunSpec] = []
-    for m in spec.methods:
-        if m.name not in settings or b not in spec.batches_of(m) or (only and m.name not in only):
-            continue
-        lr, alr = settings[m.name]
-        steps = spec.budget_of(m).steps_for(b)
-        for seed in spec.extra_seeds:
-            rel = f"runs/{m.name}/B{b}/{lr_dirname(lr, alr)}-seed{seed}"
-            values: dict[str, Any] = {
-                **spec.base, **m.overrides, "optimizer": m.optimizer, "lr": lr, "batch_tokens": b,
-                "steps": steps, "eval_every": spec.eval_every_for(steps), "init_from": str(out / "warmup"),
-                "out": str(out / rel), "seed": seed,
-            }
-            if alr is not None:
-                values["adam_lr"] = alr
-            cfg = _resolved(values, f"experiment {spec.name!r}: [methods.{m.name}] seed {seed}")
-            runs.append(RunSpec(method=m.name, optimizer=m.optimizer, batch_tokens=b, lr=lr, adam_lr=alr,
-                                steps=steps, rel=rel, config=cfg, seed=seed))
-    return runs
+    return [_method_run(spec, m, out, b, *settings[m.name], seed=seed) for m in spec.methods
+            if m.name in settings and b in spec.batches_of(m) and not (only and m.name not in only)
+            for seed in spec.extra_seeds]
 
 
 def with_threads(cfg: TrainConfig, threads: int | None) -> TrainConfig:
