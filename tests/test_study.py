@@ -526,3 +526,6 @@ def test_seed_runs_follow_the_sweep_and_resume(tmp_path: Path, capsys: pytest.Ca
     # a second invocation re-runs nothing, seed runs included
     printed = _study(capsys, str(exp), "--out", str(out), "--threads", "1", "--quiet")
     assert " start " not in printed and printed.count("finished earlier, skipped") == 7
+    # once the sweep is done, --dry-run plans the actual seed runs (here: all finished), not stand-ins
+    printed = _study(capsys, str(exp), "--out", str(out), "--dry-run")
+    assert "0 of 8 runs to do" in printed and "at most" not in printed and "-seed1" in printed

@@ -371,15 +371,26 @@ class StudyRunner:
             self.say(f"{i}/{len(acts) - 1} {a:7s} {r.label}: {r.steps} steps of {r.config.n_micro} "
                      f"micro-batches = {r.steps * r.batch_tokens:,} tokens"
                      + (f", ~{_duration(est)}" if est is not None else "") + f" -> {r.rel}")
-        for k, r in enumerate(self.seed_standins):
-            est = self.cost.estimate(r)
-            self.say(f"{len(acts) + k}/{len(acts) - 1 + len(self.seed_standins)} after the sweep: {r.method} "
-                     f"B={r.batch_tokens} at its best setting, seed {r.seed}: {r.steps} steps = "
-                     f"{r.steps * r.batch_tokens:,} tokens"
-                     + (f", ~{_duration(est)}" if est is not None else ""))
-        tokens = sum(r.steps * r.batch_tokens for r in todo + self.seed_standins)
-        self.say(f"{len(todo) + len(self.seed_standins)} of {len(acts) + len(self.seed_standins)} runs to do"
-                 + (f" (at most; {len(self.seed_standins)} seed runs)" if self.seed_standins else "")
+        n_all = len(acts) - 1 + len(self.seed_standins)
+        if self.seed_standins and not todo:  # the sweep is done: its best settings name the seed runs
+            seed_acts = self._seed_actions()
+            for k, (r, a) in enumerate(seed_acts):
+                est = self.cost.estimate(r, r.steps - _steps_done(r)) if a != "skip" else None
+                self.say(f"{len(acts) + k}/{n_all} {a:7s} {r.label}: {r.steps} steps = "
+                         f"{r.steps * r.batch_tokens:,} tokens"
+                         + (f", ~{_duration(est)}" if est is not None else "") + f" -> {r.rel}")
+            seeds_todo = [r for r, a in seed_acts if a != "skip"]
+            self._later = seeds_todo  # what eta() adds to the sweep's runs
+        else:
+            for k, r in enumerate(self.seed_standins):
+                est = self.cost.estimate(r)
+                self.say(f"{len(acts) + k}/{n_all} after the sweep: {r.method} B={r.batch_tokens} at its "
+                         f"best setting, seed {r.seed}: {r.steps} steps = {r.steps * r.batch_tokens:,} tokens"
+                         + (f", ~{_duration(est)}" if est is not None else ""))
+            seeds_todo = list(self.seed_standins)
+        tokens = sum(r.steps * r.batch_tokens for r in todo + seeds_todo)
+        self.say(f"{len(todo) + len(seeds_todo)} of {len(acts) + len(self.seed_standins)} runs to do"
+                 + (f" (at most; {len(seeds_todo)} seed runs)" if self.seed_standins and todo else "")
                  + f", {tokens:,} training tokens; estimated "
                  f"{_duration(self.eta(todo))}" + ("" if self.cost.seconds else " (no measured run yet)"))
         preset = self.warmup.config.preset
