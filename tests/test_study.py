@@ -484,7 +484,9 @@ def test_run_actions_and_parallel_jobs(tmp_path: Path, capsys: pytest.CaptureFix
         run_action(other)
 
 
-def test_seed_runs_follow_the_sweep_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_seed_runs_follow_the_sweep_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the printed paths are relative to the working directory when short
     exp = tmp_path / "seeds.toml"
     exp.write_text(MINIMAL.replace("budget_tokens = 2048", "budget_tokens = 2048\nseeds = [0, 1]")
                    .replace("micro_batch_size = 4", "micro_batch_size = 4\neval_tokens = 256")
@@ -500,7 +502,7 @@ def test_seed_runs_follow_the_sweep_and_resume(tmp_path: Path, capsys: pytest.Ca
     assert header[:5] == ["method", "lr", "steps", "to", "target"]
     assert any(line.startswith("adamw ") for line in tail.splitlines())
     assert any(line.startswith("gn ") for line in tail.splitlines())
-    assert f"Report: {os.path.relpath(out / 'report.md')}" in tail
+    assert f"Report: {os.path.join('study', 'report.md')}" in tail
     study = json.loads((out / "study.json").read_text())
     best = {(b["method"], b["batch_tokens"]): b for b in study["best"]}
     for method in ("adamw", "gn"):
