@@ -22,6 +22,7 @@ from gnopt.study.analysis import (
     RunResult,
     fit_critical_batch,
     gn_diagnostics,
+    grid_edges,
     loss_at,
     read_curve,
     seed_ratios,
@@ -227,6 +228,26 @@ def test_seed_ratios_take_the_best_baseline_per_seed(tmp_path: Path) -> None:
     assert lw.per_seed == {0: 1.5} and lw.median == lw.low == lw.high == 1.5
     assert ratios[("best baseline", "gn-layerwise", "steps")].per_seed == {0: 4.0 / 3.0}
     assert ("best baseline", "adamw", "steps") not in ratios  # baselines are not ratios' denominators
+
+
+def test_grid_edges_flag_best_settings_at_the_end_of_their_grid() -> None:
+    def run(method: str, lr: float, adam_lr: float | None = None, batch: int = 512, seed: int = 0,
+            status: str = "done") -> RunResult:
+        return dataclasses.replace(_result(method, "adamw", seed, 4.0), lr=lr, adam_lr=adam_lr,
+                                   batch_tokens=batch, status=status)
+
+    results = [run("adamw", 1e-3), run("adamw", 3e-3), run("adamw", 1e-2),   # best 1e-3: the lowest lr
+               run("adamw", 1e-3, batch=256), run("adamw", 3e-3, batch=256),
+               run("adamw", 1e-2, batch=256),                                 # best 3e-3: inside
+               run("muon", 0.02, 1e-3), run("muon", 0.05, 1e-3),              # best (0.05, 3e-3): the highest
+               run("muon", 0.02, 3e-3), run("muon", 0.05, 3e-3),              # lr and the highest adam_lr
+               run("gn", 0.01), run("gn", 0.02, status="partial"),           # an unfinished run is no grid
+               run("soap", 1e-3), run("soap", 3e-3), run("soap", 1e-3, seed=1)]
+    best = {("adamw", 512): results[0], ("adamw", 256): results[4], ("muon", 512): results[9],
+            ("gn", 512): results[10], ("soap", 512): results[14]}
+    assert grid_edges(results, best) == {("adamw", 512): ["lowest lr"],
+                                         ("muon", 512): ["highest lr", "highest adam_lr"]}
+    # a seed's run is compared with its own seed's runs only (soap seed 1 has one setting)
 
 
 def test_shipped_experiments_are_valid() -> None:
@@ -503,6 +524,9 @@ def test_seed_runs_follow_the_sweep_and_resume(tmp_path: Path, capsys: pytest.Ca
     assert any(line.startswith("adamw ") for line in tail.splitlines())
     assert any(line.startswith("gn ") for line in tail.splitlines())
     assert f"Report: {os.path.join('study', 'report.md')}" in tail
+    # adamw's 2-point grid puts its best at an edge, whichever it is; gn's single lr has no edge
+    edge_line = next(line for line in tail.splitlines() if line.startswith("Best setting at an edge"))
+    assert "adamw at 512 (" in edge_line and "gn at" not in edge_line
     study = json.loads((out / "study.json").read_text())
     best = {(b["method"], b["batch_tokens"]): b for b in study["best"]}
     for method in ("adamw", "gn"):

@@ -17,6 +17,8 @@ Definitions (all documented in the study report as well):
 * **wall to target**: cumulative wall-clock seconds at that step (evaluations included).
 * **best setting** of a method at a batch size: the run with the fewest steps to target, ties broken by
   the lower final validation loss; runs that miss the target rank after all that reach it, by final loss.
+  A best setting at the lowest or highest value of its grid is flagged (:func:`grid_edges`): its optimum
+  may lie beyond the grid.
 * **critical batch size**: the fit of S(B) = S_min·(1 + B_noise/B) to a method's best steps-to-target S
   over the batch sizes B (least squares on log S; S_min is solved in closed form for each B_noise and
   B_noise by a 1-D search on a log grid refined by golden-section search, numpy only). We report
@@ -527,6 +529,35 @@ def seed_ratios(spec: StudySpec, by_seed: dict[str, dict[int, RunResult]]) -> li
 
 # ------------------------------------------------------------------------------------------------------
 # the whole study
+def grid_edges(results: Iterable[RunResult],
+               best: dict[tuple[str, int], RunResult]) -> dict[tuple[str, int], list[str]]:
+    """Where a best setting sits at an edge of the grid it was chosen from: (method, batch) -> what is at
+    the edge, e.g. ``["lowest lr"]``. Each swept value (lr, adam_lr) is compared with the finished runs of
+    that method and batch that share the other value; a value swept at one point has no edge. A best
+    setting at an edge may have its optimum beyond the grid: the grid should be widened there."""
+    sweeps: dict[tuple[str, int], list[RunResult]] = {}
+    for r in results:
+        if r.done:
+            sweeps.setdefault((r.method, r.batch_tokens), []).append(r)
+    edges: dict[tuple[str, int], list[str]] = {}
+    for key, sel in best.items():
+        peers = [r for r in sweeps.get(key, []) if r.seed == sel.seed]
+        found = []
+        for name, value, other in (("lr", "lr", "adam_lr"), ("adam_lr", "adam_lr", "lr")):
+            mine = getattr(sel, value)
+            values = sorted({getattr(r, value) for r in peers
+                             if getattr(r, other) == getattr(sel, other) and getattr(r, value) is not None})
+            if mine is None or len(values) < 2:
+                continue
+            if mine == values[0]:
+                found.append(f"lowest {name}")
+            elif mine == values[-1]:
+                found.append(f"highest {name}")
+        if found:
+            edges[key] = found
+    return edges
+
+
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -550,6 +581,8 @@ class StudyResults:
     ratios: list[SeedRatio] = field(default_factory=list)
     #: GN diagnostics at the largest batch per (method, seed), the [base] seed's selected run included
     seed_diagnostics: dict[tuple[str, int], GNDiagnostics] = field(default_factory=dict)
+    #: best settings at an edge of their grid (:func:`grid_edges`)
+    edges: dict[tuple[str, int], list[str]] = field(default_factory=dict)
 
     def _in_order(self, d: dict[tuple[str, int], Any]) -> list[tuple[tuple[str, int], Any]]:
         """Items keyed by (method, batch) in the experiment's method order, then by batch."""
@@ -564,7 +597,8 @@ class StudyResults:
             "warmup": self.warmup.row() if self.warmup is not None else None,
             "best": [
                 {"method": m, "batch_tokens": b, **{k: v for k, v in r.row().items()
-                                                     if k not in ("method", "batch_tokens")}}
+                                                     if k not in ("method", "batch_tokens")},
+                 "grid_edge": self.edges.get((m, b), [])}
                 for (m, b), r in self._in_order(self.best)
             ],
             "critical_batch": {m: (f.to_dict() if f is not None else None) for m, f in self.fits.items()},
@@ -632,4 +666,4 @@ def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: R
     return StudyResults(spec=spec, target_loss=target, target_source=source, runs=results, best=best,
                         fits=fits, warmup=warm, diagnostics=diagnostics, seed_runs=seed_results,
                         by_seed=by_seed, ratios=seed_ratios(spec, by_seed) if by_seed else [],
-                        seed_diagnostics=seed_diag)
+                        seed_diagnostics=seed_diag, edges=grid_edges(results, best))

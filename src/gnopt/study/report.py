@@ -344,6 +344,15 @@ def largest_batch_comparison(
     return ref, headers, rows
 
 
+def edge_note(results: StudyResults) -> str | None:
+    """One sentence naming the best settings at an edge of their grid, or None when there are none."""
+    if not results.edges:
+        return None
+    where = [f"{m} at {_tokens(b)} ({', '.join(what)})" for (m, b), what in results._in_order(results.edges)]
+    return ("Best setting at an edge of its grid (its optimum may lie beyond the grid; widen it there): "
+            + "; ".join(where) + ".")
+
+
 def summary_text(results: StudyResults, study_dir: Path) -> str:
     """What ``gnopt study`` prints when it is done: the comparison at the largest batch as an aligned table,
     and where the report and the plots are."""
@@ -375,6 +384,8 @@ def summary_text(results: StudyResults, study_dir: Path) -> str:
 
         lines.append("Critical batch size (fit of steps to target over the batch grid): "
                      + "; ".join(crit(m.name, f) for m, f in fits) + ".")
+    if (note := edge_note(results)) is not None:
+        lines.append(note)
     lines.append(f"Report: {_display_path(study_dir / REPORT_MD)}"
                  + (f"; validation loss vs step: {_display_path(study_dir / PLOT_LOSS)}"
                     if (study_dir / PLOT_LOSS).is_file() else ""))
@@ -453,12 +464,17 @@ def render_report(results: StudyResults) -> str:
             if r is None:
                 rows.append([m.name, _tokens(b), "not run"] + ["–"] * 7)
                 continue
-            rows.append([m.name, _tokens(b), _setting(r), f"{r.steps_planned}", _fmt(r.steps_to_target),
+            edge = results.edges.get((m.name, b))
+            rows.append([m.name, _tokens(b), _setting(r) + (f" ({', '.join(edge)})" if edge else ""),
+                         f"{r.steps_planned}", _fmt(r.steps_to_target),
                          _fmt(r.steps_to_target_interp, "steps"), _tokens(r.tokens_to_target),
                          _fmt(r.passes_to_target, "int"), _fmt(r.wall_to_target, "s"),
                          _fmt(r.final_val_loss, "loss")])
     lines.append(_table(["method", "batch", "lr", "steps", "steps to target", "(interp.)", "tokens to target",
                          "passes to target", "wall to target (s)", "final val loss"], rows))
+    if results.best:
+        inside = "Every best setting lies inside its grid (neither its lowest nor its highest value)."
+        lines.append("\n" + (edge_note(results) or inside) + "\n")
 
     # --- largest batch comparison -------------------------------------------------------------------
     comparison = largest_batch_comparison(results)
