@@ -350,6 +350,35 @@ def select_best(results: Iterable[RunResult]) -> dict[tuple[str, int], RunResult
     return best
 
 
+def grid_edges(results: Iterable[RunResult],
+               best: dict[tuple[str, int], RunResult]) -> dict[tuple[str, int], list[str]]:
+    """Where a best setting sits at an edge of the grid it was chosen from: (method, batch) -> what is at
+    the edge, e.g. ``["lowest lr"]``. Each swept value (lr, adam_lr) is compared with the finished runs of
+    that method and batch that share the other value; a value swept at one point has no edge. A best
+    setting at an edge may have its optimum beyond the grid: the grid should be widened there."""
+    sweeps: dict[tuple[str, int], list[RunResult]] = {}
+    for r in results:
+        if r.done:
+            sweeps.setdefault((r.method, r.batch_tokens), []).append(r)
+    edges: dict[tuple[str, int], list[str]] = {}
+    for key, sel in best.items():
+        peers = [r for r in sweeps.get(key, []) if r.seed == sel.seed]
+        found = []
+        for value, other in (("lr", "adam_lr"), ("adam_lr", "lr")):
+            mine = getattr(sel, value)
+            values = sorted({getattr(r, value) for r in peers
+                             if getattr(r, other) == getattr(sel, other) and getattr(r, value) is not None})
+            if mine is None or len(values) < 2:
+                continue
+            if mine == values[0]:
+                found.append(f"lowest {value}")
+            elif mine == values[-1]:
+                found.append(f"highest {value}")
+        if found:
+            edges[key] = found
+    return edges
+
+
 # ------------------------------------------------------------------------------------------------------
 # critical batch size
 # ------------------------------------------------------------------------------------------------------
@@ -529,35 +558,6 @@ def seed_ratios(spec: StudySpec, by_seed: dict[str, dict[int, RunResult]]) -> li
 
 # ------------------------------------------------------------------------------------------------------
 # the whole study
-def grid_edges(results: Iterable[RunResult],
-               best: dict[tuple[str, int], RunResult]) -> dict[tuple[str, int], list[str]]:
-    """Where a best setting sits at an edge of the grid it was chosen from: (method, batch) -> what is at
-    the edge, e.g. ``["lowest lr"]``. Each swept value (lr, adam_lr) is compared with the finished runs of
-    that method and batch that share the other value; a value swept at one point has no edge. A best
-    setting at an edge may have its optimum beyond the grid: the grid should be widened there."""
-    sweeps: dict[tuple[str, int], list[RunResult]] = {}
-    for r in results:
-        if r.done:
-            sweeps.setdefault((r.method, r.batch_tokens), []).append(r)
-    edges: dict[tuple[str, int], list[str]] = {}
-    for key, sel in best.items():
-        peers = [r for r in sweeps.get(key, []) if r.seed == sel.seed]
-        found = []
-        for name, value, other in (("lr", "lr", "adam_lr"), ("adam_lr", "adam_lr", "lr")):
-            mine = getattr(sel, value)
-            values = sorted({getattr(r, value) for r in peers
-                             if getattr(r, other) == getattr(sel, other) and getattr(r, value) is not None})
-            if mine is None or len(values) < 2:
-                continue
-            if mine == values[0]:
-                found.append(f"lowest {name}")
-            elif mine == values[-1]:
-                found.append(f"highest {name}")
-        if found:
-            edges[key] = found
-    return edges
-
-
 # ------------------------------------------------------------------------------------------------------
 
 
