@@ -366,19 +366,13 @@ class StudyRunner:
         acts = self.actions()
         self._seed_costs(acts)
         todo = [r for r, a in acts if a != "skip"]
-        for i, (r, a) in enumerate(acts):
-            est = self.cost.estimate(r, r.steps - _steps_done(r)) if a != "skip" else None
-            self.say(f"{i}/{len(acts) - 1} {a:7s} {r.label}: {r.steps} steps of {r.config.n_micro} "
-                     f"micro-batches = {r.steps * r.batch_tokens:,} tokens"
-                     + (f", ~{_duration(est)}" if est is not None else "") + f" -> {r.rel}")
         n_all = len(acts) - 1 + len(self.seed_standins)
+        for i, (r, a) in enumerate(acts):
+            self._say_planned(f"{i}/{len(acts) - 1}", r, a)
         if self.seed_standins and not todo:  # the sweep is done: its best settings name the seed runs
             seed_acts = self._seed_actions()
             for k, (r, a) in enumerate(seed_acts):
-                est = self.cost.estimate(r, r.steps - _steps_done(r)) if a != "skip" else None
-                self.say(f"{len(acts) + k}/{n_all} {a:7s} {r.label}: {r.steps} steps = "
-                         f"{r.steps * r.batch_tokens:,} tokens"
-                         + (f", ~{_duration(est)}" if est is not None else "") + f" -> {r.rel}")
+                self._say_planned(f"{len(acts) + k}/{n_all}", r, a)
             seeds_todo = [r for r, a in seed_acts if a != "skip"]
             self._later = seeds_todo  # what eta() adds to the sweep's runs
         else:
@@ -476,6 +470,13 @@ class StudyRunner:
             return None
         self.say(f"all runs done in {_duration(time.perf_counter() - self.t0)}; writing the report")
         return self.report()
+
+    def _say_planned(self, index: str, r: RunSpec, action: str) -> None:
+        """One line of the dry-run plan: the run, what will be done with it, its estimated time."""
+        est = self.cost.estimate(r, r.steps - _steps_done(r)) if action != "skip" else None
+        self.say(f"{index} {action:7s} {r.label}: {r.steps} steps of {r.config.n_micro} micro-batches = "
+                 f"{r.steps * r.batch_tokens:,} tokens" + (f", ~{_duration(est)}" if est is not None else "")
+                 + f" -> {r.rel}")
 
     def _seed_actions(self) -> list[tuple[RunSpec, str]]:
         """The seed runs of the finished sweep (each method's best setting at the largest batch, as the
