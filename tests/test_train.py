@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 import torch
 
 import gnopt.checkpoint as checkpoint_mod
@@ -181,21 +182,6 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert lines[-1] == test_cmd == "pytest -q"
 
 
-def _toml(data: dict[str, Any]) -> str:
-    """TOML for the experiment files' shapes: tables of scalars and lists, and their subtables."""
-    def value(v: Any) -> str:
-        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-
-    def table(name: str, body: dict[str, Any]) -> list[str]:
-        lines = [f"[{name}]"] + [f"{k} = {value(v)}" for k, v in body.items() if not isinstance(v, dict)]
-        for k, v in body.items():
-            if isinstance(v, dict):
-                lines += table(f"{name}.{k}", v)
-        return lines
-
-    return "\n".join(line for name, body in data.items() for line in table(name, body)) + "\n"
-
-
 def test_readme_main_command_runs_at_smoke_size(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The README's main command on its experiment file, shrunk to smoke size (the same methods, corpus,
@@ -214,7 +200,7 @@ def test_readme_main_command_runs_at_smoke_size(tmp_path: Path,
         if "batch_tokens" in method:
             method["batch_tokens"] = [512 if b == largest else 256 for b in method["batch_tokens"]]
     path = tmp_path / "quickstart.toml"
-    path.write_text(_toml(exp), encoding="utf-8")
+    path.write_text(tomli_w.dumps(exp), encoding="utf-8")
     out = tmp_path / "study"
     assert main(["study", str(path), *argv[3:], "--out", str(out)]) == 0
     printed = capsys.readouterr().out
