@@ -77,6 +77,8 @@ FIELD_HELP: dict[str, str] = {
     "compile": "torch.compile the model's training forward (baseline optimizers only; not part of the run's "
     "identity)",
     "stop_after": "stop this invocation after step N (checkpointed, continue with --resume)",
+    "stop_at_loss": "stop this invocation after the first evaluation whose validation loss is <= this "
+    "(checkpointed; continue with --resume and a lower value, or none, to train on)",
     "dist_timeout": "seconds a data-parallel (torchrun) collective waits for the other ranks before failing",
     "inner_steps": "GN: inner steps N per outer step (sets batch_tokens = N × micro-batch tokens)",
     "inner_optimizer": f"GN inner optimizer: {', '.join(INNER_OPTIMIZERS)}",

@@ -77,8 +77,8 @@ GN_SINGLE_GROUP_INNER_LRS: dict[str, float] = {"adamw": 1e-3, "soap": 3e-3, "sha
 #: Fields that control *how* a run executes but not *what* it computes. They are left out of the
 #: fingerprint, so a run may be resumed with another thread count, device, output path or cadence.
 RUN_CONTROL_FIELDS: frozenset[str] = frozenset(
-    {"out", "threads", "device", "quiet", "stop_after", "eval_every", "ckpt_every", "cache_dir",
-     "dist_timeout", "compile"}
+    {"out", "threads", "device", "quiet", "stop_after", "stop_at_loss", "eval_every", "ckpt_every",
+     "cache_dir", "dist_timeout", "compile"}
 )
 
 #: Fields added after runs were already recorded, with the value those runs used. At that value a field is
@@ -101,7 +101,8 @@ class TrainConfig:
 
     ``None`` means "derive it" (see :func:`resolve`); a resolved config has concrete values everywhere
     except the genuinely optional fields (``data``, ``valid_data``, ``target_loss``, ``reset_below``,
-    ``ema_decay``, ``stop_after``, ``cache_dir``, ``init_from``, ``adam_lr`` for single-group optimizers).
+    ``ema_decay``, ``stop_after``, ``stop_at_loss``, ``cache_dir``, ``init_from``, ``adam_lr`` for
+    single-group optimizers).
     """
 
     # --- data --------------------------------------------------------------------------------------
@@ -143,6 +144,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model's training forward (baselines only)
     quiet: bool = False
     stop_after: int | None = None  # stop this invocation after that step (checkpointed; resume later)
+    stop_at_loss: float | None = None  # stop after the first evaluation <= this loss (checkpointed)
     dist_timeout: float = 300.0  # seconds a data-parallel collective waits for the other ranks (torchrun)
     # --- Gauss-Newton (consumed by gnopt.gn_stepper) -----------------------------------------------
     inner_steps: int | None = None  # GN's N; None = batch_tokens / micro-batch tokens (else they must agree)
@@ -411,6 +413,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _positive("dist_timeout", r.dist_timeout)
     if r.stop_after is not None and not 1 <= r.stop_after <= r.steps:
         raise GnoptError(f"stop_after must lie in [1, steps={r.steps}], got {r.stop_after}.")
+    if r.stop_at_loss is not None and not (math.isfinite(r.stop_at_loss) and r.stop_at_loss > 0):
+        raise GnoptError(f"stop_at_loss must be a positive finite validation loss, got {r.stop_at_loss}.")
 
     micro_tokens = r.micro_batch_size * r.seq_len
     if r.batch_tokens % micro_tokens != 0:

@@ -8,7 +8,11 @@ What a run leaves in its output directory:
   the per-step ``train_tokens``/``ls_tokens``/``passes``) and one ``{"type": "eval", "step", "tokens",
   "val_loss"}`` line per evaluation (step 0, every ``eval_every`` steps and the last step);
 * ``checkpoint.pt`` — every ``ckpt_every`` steps and at the end (see :func:`_checkpoint_state`);
-* ``summary.json`` — written at the end (or at ``stop_after``, with ``"completed": false``).
+* ``summary.json`` — written at the end (or at ``stop_after``, at the first evaluation <= ``stop_at_loss``
+  or at a stop signal, with ``"completed": false`` and the ``stop_reason``). A run stopped at
+  ``stop_at_loss`` resumes like any other: with a lower ``stop_at_loss`` (or none) it trains on, exactly as
+  if it had never stopped (``gnopt study`` uses this to stop runs at the target and continue them if the
+  target moves).
 
 Resuming is exact: the checkpoint carries the model, the stepper (optimizer + schedule) state, the batcher
 position, the step/token counters, every RNG state and the target-hit record, so on CPU a resumed run logs
@@ -55,6 +59,7 @@ from torch import Tensor, nn
 from gnopt import distributed
 from gnopt.checkpoint import (
     CHECKPOINT_NAME,
+    STOP_AT_LOSS_REASON,
     atomic_write_text,
     load_checkpoint,
     read_json,
@@ -688,7 +693,10 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
                     do_eval()
                 signalled = distributed.any_rank(stop.requested) and not last  # every rank agrees
                 stop_after = cfg.stop_after is not None and run.step >= cfg.stop_after and not last
-                stop_now = signalled or stop_after
+                # every rank evaluates the same weights on the same set: they agree without a collective
+                at_loss = (cfg.stop_at_loss is not None and not last and run.last_val_step == run.step
+                           and run.last_val_loss is not None and run.last_val_loss <= cfg.stop_at_loss)
+                stop_now = signalled or stop_after or at_loss
                 if last or stop_now or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):
                     save()
                 if stop_now:
@@ -700,9 +708,14 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
                             with contextlib.suppress(OSError):
                                 print(f"stopped at step {run.step} ({stop_reason}); checkpoint written; "
                                       f"resume with: {resume_command(out)}", flush=True)
-                    else:
+                    elif stop_after:
                         stop_reason = "--stop-after"
                         say(f"stopping after step {run.step} (--stop-after); continue with --resume.")
+                    else:
+                        stop_reason = STOP_AT_LOSS_REASON
+                        say(f"stopping after step {run.step}: validation loss {run.last_val_loss:.4f} <= "
+                            f"{cfg.stop_at_loss} (--stop-at-loss); continue with --resume and a lower "
+                            "--stop-at-loss, or none.")
                     break
     finally:
         bar.close()
@@ -718,6 +731,7 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
         "seq_len": cfg.seq_len,
         "completed": not stopped_early,
         "stop_reason": stop_reason,
+        "stop_at_loss": cfg.stop_at_loss,
         "steps": run.step,
         "steps_planned": cfg.steps,
         "tokens": run.tokens,

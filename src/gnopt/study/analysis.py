@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from gnopt.checkpoint import read_json
+from gnopt.checkpoint import STOP_AT_LOSS_REASON, read_json
 from gnopt.config import BASELINE_OPTIMIZERS
 from gnopt.study.spec import RunSpec, StudySpec, plan_seed_runs
 
@@ -247,7 +247,7 @@ class RunResult:
     seed: int  # the run's data seed
     steps_planned: int
     steps_done: int
-    status: str  # done | partial | missing
+    status: str  # done | stopped (at the target: stop_at_target) | partial | missing
     selected: bool
     target_loss: float | None
     steps_to_target: int | None
@@ -267,7 +267,8 @@ class RunResult:
 
     @property
     def done(self) -> bool:
-        return self.status == "done"
+        """Finished: ran its whole budget, or stopped at the target (``stop_at_target``)."""
+        return self.status in ("done", "stopped")
 
     def row(self) -> dict[str, Any]:
         d = asdict(self)
@@ -289,11 +290,13 @@ def read_run(run: RunSpec, study_dir: Path) -> RunResult:
         summary.get("fingerprint") == config.get("fingerprint"))
     if isinstance(summary, dict) and summary.get("completed") and same:
         status = "done"
+    elif isinstance(summary, dict) and summary.get("stop_reason") == STOP_AT_LOSS_REASON and same:
+        status = "stopped"  # at its stop_at_loss; _apply_target demotes it if the target is lower
     elif curve.last_step > 0 or curve.evals:
         status = "partial"
     else:
         status = "missing"
-    s = summary if status == "done" else {}
+    s = summary if status in ("done", "stopped") else {}
     evals = [v for _, _, v in curve.evals]
     wall = _finite(s.get("wall_seconds")) if s else (curve.wall.get(curve.last_step) if curve.wall else None)
     steps_done = int(s.get("steps", 0)) if s else curve.last_step
@@ -464,14 +467,77 @@ def fit_critical_batch(batches: Sequence[float], steps: Sequence[float], *,
 
 
 # ------------------------------------------------------------------------------------------------------
+# tuning cost
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TuningCost:
+    """What finding a method's best setting at one batch size cost: its sweep (the ``[base]`` seed's runs).
+
+    * ``settings`` / ``finished`` / ``reached``: the grid's settings, those finished, those that reach the
+      target;
+    * ``steps_min`` / ``steps_median`` / ``steps_max``: the spread of (interpolated) steps to target over
+      the settings that reach it (the best setting has ``steps_min``);
+    * ``grid_passes``: the forward+backward-equivalent passes every finished run of the grid consumed, as it
+      ran (to the end of its budget, or to where it stopped at the target);
+    * ``grid_passes_to_target``: the same grid if every run stopped at the target: passes to target for a
+      run that reaches it, its whole run for one that does not. This one compares across studies with and
+      without ``stop_at_target``;
+    * ``best_passes``: passes to target of the best setting (the cost of one run, once it is known).
+    """
+
+    method: str
+    batch_tokens: int
+    settings: int
+    finished: int
+    reached: int
+    steps_min: float | None
+    steps_median: float | None
+    steps_max: float | None
+    grid_passes: float
+    grid_passes_to_target: float
+    best_passes: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tuning_costs(spec: StudySpec, results: Sequence[RunResult]) -> list[TuningCost]:
+    """One :class:`TuningCost` per (method, batch) of the sweep, in the experiment's method order."""
+    out: list[TuningCost] = []
+    for m in spec.methods:
+        for b in spec.batches_of(m):
+            runs = [r for r in results if r.method == m.name and r.batch_tokens == b
+                    and r.seed == spec.base_seed]
+            done = [r for r in runs if r.done]
+            reached = [r for r in done if r.steps_to_target_interp is not None]
+            steps = sorted(float(r.steps_to_target_interp) for r in reached)  # type: ignore[arg-type]
+            passes = [r.passes or 0.0 for r in done]
+            to_target = [(r.passes_to_target if r.passes_to_target is not None else (r.passes or 0.0))
+                         for r in done]
+            best = min(reached, key=_rank_key) if reached else None
+            out.append(TuningCost(
+                method=m.name, batch_tokens=b, settings=len(runs), finished=len(done), reached=len(reached),
+                steps_min=steps[0] if steps else None,
+                steps_median=float(np.median(steps)) if steps else None,
+                steps_max=steps[-1] if steps else None,
+                grid_passes=float(sum(passes)), grid_passes_to_target=float(sum(to_target)),
+                best_passes=best.passes_to_target if best is not None else None,
+            ))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
 # seeds
 # ------------------------------------------------------------------------------------------------------
 
 
 def seed_settings(spec: StudySpec,
                   best: dict[tuple[str, int], RunResult]) -> dict[str, tuple[float, float | None]]:
-    """Each method's best (lr, adam_lr) at the largest batch: what its seed runs re-run."""
-    b = spec.largest_batch
+    """Each method's best (lr, adam_lr) at the seed batch (default: the largest): what its seed runs
+    re-run."""
+    b = spec.seed_batch
     return {m.name: (r.lr, r.adam_lr) for m in spec.methods if (r := best.get((m.name, b))) is not None}
 
 
@@ -583,6 +649,8 @@ class StudyResults:
     seed_diagnostics: dict[tuple[str, int], GNDiagnostics] = field(default_factory=dict)
     #: best settings at an edge of their grid (:func:`grid_edges`)
     edges: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+    #: what each method's grid cost per batch size (:func:`tuning_costs`)
+    tuning: list[TuningCost] = field(default_factory=list)
 
     def _in_order(self, d: dict[tuple[str, int], Any]) -> list[tuple[tuple[str, int], Any]]:
         """Items keyed by (method, batch) in the experiment's method order, then by batch."""
@@ -610,6 +678,7 @@ class StudyResults:
                 "gn_diagnostics": [{"method": m, "seed": s, **d.to_dict()}
                                    for (m, s), d in self._in_order(self.seed_diagnostics)],
             },
+            "tuning_cost": [t.to_dict() for t in self.tuning],
             "runs": [r.row() for r in self.runs],
             "seed_runs": [r.row() for r in self.seed_runs],
         }
@@ -624,6 +693,8 @@ def _apply_target(r: RunResult, target: float | None) -> None:
     t = to_target(r.curve, target) if r.done else ToTarget()
     r.steps_to_target, r.steps_to_target_interp = t.steps, t.steps_interp
     r.tokens_to_target, r.passes_to_target, r.wall_to_target = t.tokens, t.passes, t.wall
+    if r.status == "stopped" and r.steps_to_target is None:
+        r.status = "partial"  # it stopped at a higher loss than this target: the study continues it
 
 
 def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: RunSpec | None = None,
@@ -657,7 +728,7 @@ def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: R
         for r in seed_results:
             _apply_target(r, target)
         for m in spec.methods:
-            if (sel := best.get((m.name, spec.largest_batch))) is not None:
+            if (sel := best.get((m.name, spec.seed_batch))) is not None:
                 by_seed[m.name] = {sel.seed: sel}
         for r in seed_results:
             by_seed.setdefault(r.method, {})[r.seed] = r
@@ -666,4 +737,5 @@ def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: R
     return StudyResults(spec=spec, target_loss=target, target_source=source, runs=results, best=best,
                         fits=fits, warmup=warm, diagnostics=diagnostics, seed_runs=seed_results,
                         by_seed=by_seed, ratios=seed_ratios(spec, by_seed) if by_seed else [],
-                        seed_diagnostics=seed_diag, edges=grid_edges(results, best))
+                        seed_diagnostics=seed_diag, edges=grid_edges(results, best),
+                        tuning=tuning_costs(spec, results))

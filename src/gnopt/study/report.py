@@ -270,8 +270,10 @@ def _seed_sections(results: StudyResults) -> list[str]:
     range over seeds) and the GN diagnostics of every seed."""
     spec = results.spec
     seeds = sorted({s for runs in results.by_seed.values() for s in runs})
-    out = [f"\n## Seeds at the largest batch ({_tokens(spec.largest_batch)} tokens)\n",
-           f"The best setting of every method at the largest batch (chosen at seed {spec.base_seed}, as "
+    where = "the largest batch" if spec.seed_batch == spec.largest_batch else "batch"
+    out = [f"\n## Seeds at {where} ({_tokens(spec.seed_batch)} tokens)\n",
+           f"The best setting of every method at {where} {_tokens(spec.seed_batch)} (chosen at seed "
+           f"{spec.base_seed}, as "
            f"above) re-run with data seeds {', '.join(str(x) for x in spec.extra_seeds)}: the seed sets the "
            "order of the training batches and of the micro-batches GN's line search draws; every seed starts "
            "from the same shared warm start. Steps to target are interpolated; `median [min–max]` over the "
@@ -309,6 +311,31 @@ def _seed_sections(results: StudyResults) -> list[str]:
         out.append("\nGauss-Newton diagnostics per seed (columns as in the diagnostics table below):\n")
         out.append(_table(["method", "seed", "steps", "α median", "α = 1", "α at floor", "backtracked",
                            "ρ median", "resets", "rejected", "passes/step"], drows))
+    return out
+
+
+def tuning_section(results: StudyResults) -> list[str]:
+    """What finding each method's best setting cost, per batch size (:class:`TuningCost`)."""
+    out = ["\n## Tuning cost\n",
+           "What finding the best setting cost, per method and batch size, over the sweep's settings: how "
+           "many reach the target, the spread of their (interpolated) steps to target, the "
+           "forward+backward-equivalent passes the whole grid consumed as it ran, the passes it would "
+           "have consumed had every run stopped at the target (a run that misses it counts whole; this "
+           "column compares across studies), and the best setting's passes to target. "
+           "`grid / best` = the grid's passes to target over the best setting's.\n"]
+    rows = []
+    for t in results.tuning:
+        spread = ("–" if t.steps_min is None else f"{t.steps_min:.1f}" if t.reached == 1
+                  else f"{t.steps_min:.1f}–{t.steps_max:.1f} (median {t.steps_median:.1f})")
+        ratio = (f"{t.grid_passes_to_target / t.best_passes:.1f}x"
+                 if t.best_passes and t.finished == t.settings else "–")
+        rows.append([t.method, _tokens(t.batch_tokens), f"{t.reached} of {t.settings}"
+                     + (f" ({t.settings - t.finished} not finished)" if t.finished < t.settings else ""),
+                     spread, _fmt(t.grid_passes, "int"), _fmt(t.grid_passes_to_target, "int"),
+                     _fmt(t.best_passes, "int"), ratio])
+    out.append(_table(["method", "batch", "settings reaching the target", "steps to target (spread)",
+                       "grid passes (as run)", "grid passes (stopped at target)", "best setting's passes",
+                       "grid / best"], rows))
     return out
 
 
@@ -437,16 +464,23 @@ def render_report(results: StudyResults) -> str:
         f"{spec.target_fraction:.0%} of its budget",
     }.get(results.target_source, results.target_source)
     cfg_rows.append(["target validation loss", f"{tgt} ({how})"])
+    if spec.stop_at_target:
+        cfg_rows.append(["stop at the target", "yes: every run except the baselines at the largest batch "
+                         "(which set the target) stops at its first evaluation at or below the target; its "
+                         "final val loss is the loss where it stopped"])
     lines.append(_table(["", ""], cfg_rows))
     lines.append("\nMethods and their learning-rate grids (every setting is run at each of the method's "
-                 "batch sizes; the best one is chosen by steps to target, ties by final validation loss):\n")
+                 "batch sizes, or the batch size's own grid where one is given; the best one is chosen by "
+                 "steps to target, ties by final validation loss):\n")
     mrows = []
     for m in spec.methods:
         over = ", ".join(f"{k}={v}" for k, v in m.overrides.items()) or "–"
-        grid = ", ".join(f"{x:g}" for x in m.lr)
+        grid = m.describe_lr()
         if m.adam_lr != (None,):
             grid += " × adam_lr " + ", ".join(f"{x:g}" for x in m.adam_lr if x is not None)
-        mrows.append([m.name, m.optimizer, grid, str(len(m.grid)),
+        sizes = sorted({len(m.grid_at(b)) for b in spec.batches_of(m)})
+        n_set = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+        mrows.append([m.name, m.optimizer, grid, n_set,
                       ", ".join(_tokens(b) for b in m.batch_tokens) if m.batch_tokens else "all", over,
                       spec.budget_of(m).describe() if m.budget else "experiment's"])
     lines.append(_table(["method", "optimizer", "lr grid", "settings", "batch sizes", "fixed overrides",
@@ -488,6 +522,10 @@ def render_report(results: StudyResults) -> str:
     # --- seeds ----------------------------------------------------------------------------------------
     if results.by_seed:
         lines += _seed_sections(results)
+
+    # --- tuning cost -----------------------------------------------------------------------------------
+    if results.tuning:
+        lines += tuning_section(results)
 
     # --- critical batch --------------------------------------------------------------------------------
     lines.append("\n## Critical batch size\n")

@@ -57,13 +57,20 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from gnopt.checkpoint import read_json
-from gnopt.config import fingerprint, fingerprint_diff, fingerprint_fields
+from gnopt.checkpoint import STOP_AT_LOSS_REASON, read_json
+from gnopt.config import BASELINE_OPTIMIZERS, fingerprint, fingerprint_diff, fingerprint_fields
 from gnopt.errors import GnoptError
 from gnopt.lock import FolderLock
-from gnopt.study.analysis import StudyResults, analyse, seed_settings
+from gnopt.study.analysis import StudyResults, analyse, read_curve, seed_settings
 from gnopt.study.report import require_matplotlib, write_outputs
-from gnopt.study.spec import RunSpec, StudySpec, plan_runs, plan_seed_runs, warmup_run
+from gnopt.study.spec import (
+    RunSpec,
+    StudySpec,
+    plan_runs,
+    plan_seed_runs,
+    seed_standin_settings,
+    warmup_run,
+)
 
 #: Rough wall-clock cost per token relative to AdamW, measured in the ``cpu-lm`` study (``cpu-small``, 2 CPU
 #: cores, two 1-thread runs side by side; GN includes the default model line search, the paper's grid search
@@ -88,9 +95,11 @@ Say = Callable[[str], None]
 # ------------------------------------------------------------------------------------------------------
 
 
-def run_action(run: RunSpec) -> str:
+def run_action(run: RunSpec, target: float | None = None) -> str:
     """What the study must do with ``run``: ``"skip"`` (finished), ``"resume"``, ``"restart"`` or ``"start"``.
 
+    A run that stopped at its ``stop_at_loss`` (``stop_at_target``) is finished when one of its evaluations
+    is at or below ``target``; otherwise (the target moved lower, or is not known yet) it is resumed.
     Raises :class:`GnoptError` when the folder holds a run with another configuration.
     """
     out = Path(run.config.out or "")
@@ -113,7 +122,16 @@ def run_action(run: RunSpec) -> str:
     if (isinstance(summary, dict) and summary.get("completed")
             and summary.get("fingerprint") == fingerprint(run.config)):
         return "skip"
+    if (target is not None and isinstance(summary, dict) and summary.get("stop_reason") == STOP_AT_LOSS_REASON
+            and summary.get("fingerprint") == fingerprint(run.config)
+            and any(v <= target for _, _, v in read_curve(out).evals)):
+        return "skip"
     return "resume" if (out / "checkpoint.pt").exists() else "restart"
+
+
+def _finished(summary: dict[str, Any]) -> bool:
+    """Whether a run's summary says it is done: ran its budget, or stopped at its ``stop_at_loss``."""
+    return bool(summary.get("completed", True)) or summary.get("stop_reason") == STOP_AT_LOSS_REASON
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -307,10 +325,11 @@ class StudyRunner:
         # The seed runs ([experiment] seeds) re-run each method's best setting at the largest batch, which
         # only the finished sweep knows: until then these stand-ins (each method's first setting) count
         # them in the plan and the time estimate.
-        self.seed_standins = plan_seed_runs(spec, self.out, {m.name: m.grid[0] for m in spec.methods},
-                                            only=options.only)
+        self.seed_standins = plan_seed_runs(spec, self.out, seed_standin_settings(spec), only=options.only)
         self._later: list[RunSpec] = list(self.seed_standins)
         self.cost = CostModel()
+        #: stop_at_target: the target runs stop at (None: not known yet, or the option is off)
+        self.target: float | None = None
         self._say = say
         self._log_fh: Any = None
         self.t0 = time.perf_counter()
@@ -331,13 +350,45 @@ class StudyRunner:
         cfg = run.config
         if threads is not None:
             cfg = dataclasses.replace(cfg, threads=threads)
-        cfg = dataclasses.replace(cfg, quiet=quiet)
+        cfg = dataclasses.replace(cfg, quiet=quiet, stop_at_loss=self.stop_loss(run))
         return cfg.to_dict()
+
+    # ---------------------------------------------------------------- stop_at_target
+    def stop_loss(self, run: RunSpec) -> float | None:
+        """The ``stop_at_loss`` ``run`` gets: the target with ``stop_at_target`` (once it is known), except
+        for the runs that set an ``"auto"`` target, which always run to the end."""
+        if not self.spec.stop_at_target or run.method == "warmup" or self.spec.defines_target(run):
+            return None
+        return self.target
+
+    def refresh_target(self) -> None:
+        """With ``stop_at_target``: settle the target runs stop at, the declared one or, once every run that
+        sets an ``"auto"`` target has finished, the auto target (until then None: runs start unstopped)."""
+        if not self.spec.stop_at_target:
+            return
+        if self.spec.target_loss is not None:
+            self.target = self.spec.target_loss
+            return
+        defining = [r for r in self.all_runs if self.spec.defines_target(r)]
+        if self.target is None and defining and all(run_action(r) == "skip" for r in defining):
+            self.target = analyse(self.spec, self.out, self.all_runs, self.warmup).target_loss
+            if self.target is not None:
+                self.say(f"target {self.target:.4f} (auto, from the {len(defining)} baseline runs at the "
+                         "largest batch): every other run stops at its first evaluation at or below it")
+
+    def _ordered(self, pending: list[tuple[int, RunSpec, str]]) -> list[tuple[int, RunSpec, str]]:
+        """With ``stop_at_target``: the runs that set the target first, then the baselines' other runs, then
+        the GN methods' (which gain the most from stopping at a known target); else the plan's order."""
+        if not self.spec.stop_at_target:
+            return pending
+        return sorted(pending, key=lambda p: (not self.spec.defines_target(p[1]),
+                                              p[1].optimizer not in BASELINE_OPTIMIZERS))
 
     # ---------------------------------------------------------------- plan / status
     def actions(self) -> list[tuple[RunSpec, str]]:
         """(run, action) for the warm-up and every planned run; checks every folder before any work."""
-        return [(self.warmup, run_action(self.warmup))] + [(r, run_action(r)) for r in self.runs]
+        self.refresh_target()
+        return [(self.warmup, run_action(self.warmup))] + [(r, run_action(r, self.target)) for r in self.runs]
 
     def _seed_costs(self, actions: Sequence[tuple[RunSpec, str]]) -> None:
         for run, action in actions:
@@ -441,11 +492,11 @@ class StudyRunner:
                             else self.opt.threads)
             rest = [r for r, a in acts[1:] if a != "skip"]
             summary = self._run_one(0, n, self.warmup, warm_action, rest, warm_threads, stop)
-            if summary.get("completed", True):
+            if _finished(summary):
                 finished += 1
             else:
                 stopped.append((0, self.warmup, int(summary.get("steps") or 0)))
-        pending = [(i + 1, r, a) for i, (r, a) in enumerate(acts[1:]) if a != "skip"]
+        pending = self._ordered([(i + 1, r, a) for i, (r, a) in enumerate(acts[1:]) if a != "skip"])
         for i, (r, a) in enumerate(acts[1:]):
             if a == "skip":
                 self.say(f"run {i + 1}/{n} {r.label}: finished earlier, skipped")
@@ -489,7 +540,8 @@ class StudyRunner:
         self.say(f"sweep done; seed runs at B={self.spec.largest_batch} with seeds "
                  f"{', '.join(map(str, self.spec.extra_seeds))} of the best settings (target "
                  f"{results.target_loss if results.target_loss is not None else 'undetermined'}): {chosen}")
-        return [(r, run_action(r)) for r in runs]
+        self.refresh_target()
+        return [(r, run_action(r, self.target)) for r in runs]
 
     def _run_pending(self, pending: Sequence[tuple[int, RunSpec, str]], n: int,
                      stop: Any) -> tuple[int, list[tuple[int, RunSpec, int]]]:
@@ -502,7 +554,7 @@ class StudyRunner:
             if stop.requested:
                 break
             summary = self._run_one(idx, n, r, a, [p[1] for p in pending[k + 1:]], self.opt.threads, stop)
-            if not summary.get("completed", True):
+            if not _finished(summary):
                 stopped.append((idx, r, int(summary.get("steps") or 0)))
                 break
             finished += 1
@@ -532,10 +584,15 @@ class StudyRunner:
         self.cost.add(run.method, run.optimizer, wall, steps, run.batch_tokens)
         final = summary.get("final_val_loss")
         final_s = f"{final:.4f}" if isinstance(final, float) else "not finite"
+        at_target = summary.get("stop_reason") == STOP_AT_LOSS_REASON
+        if self.target is None:
+            self.refresh_target()
         eta = self.eta(rest, running)
         self.say(f"run {idx}/{n} done {run.label}: {steps} steps in {_duration(wall)} "
-                 f"({wall / max(steps, 1):.2f} s/step), final val loss {final_s} "
-                 f"| elapsed {_duration(time.perf_counter() - self.t0)}, study ETA {_duration(eta)}")
+                 f"({wall / max(steps, 1):.2f} s/step), "
+                 + (f"stopped at the target with val loss {final_s}" if at_target
+                    else f"final val loss {final_s}")
+                 + f" | elapsed {_duration(time.perf_counter() - self.t0)}, study ETA {_duration(eta)}")
 
     def _stopped_line(self, idx: int, n: int, run: RunSpec, summary: dict[str, Any]) -> None:
         why = summary.get("stop_reason")
@@ -549,7 +606,7 @@ class StudyRunner:
         summary = _execute(self._config(run, threads, self.opt.quiet), action, stop)
         # Every run reads the same corpus: after the first one, "data: cache hit ..." is noise.
         logging.getLogger("gnopt.data").setLevel(logging.WARNING)
-        if summary.get("completed", True):
+        if _finished(summary):
             self._end_line(idx, n, run, summary, rest)
         else:
             self._stopped_line(idx, n, run, summary)
@@ -592,7 +649,7 @@ class StudyRunner:
                     summary = fut.result()  # a worker's GnoptError / bug surfaces here
                     if summary.get("started") is False:
                         continue  # the stop came before the run began
-                    if not summary.get("completed", True):
+                    if not _finished(summary):
                         self._stopped_line(idx, n, r, summary)
                         stopped.append((idx, r, int(summary.get("steps") or 0)))
                         halt = True

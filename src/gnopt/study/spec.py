@@ -14,6 +14,8 @@ An experiment file has four parts (``experiments/smoke.toml`` is a complete smal
     warmup_fraction = 0.05            # the shared warm start: 5% of the budget at the largest batch
     seeds = [0, 1, 2]                 # optional: re-run each method's best setting at the largest batch
                                       # with data seeds 1 and 2 (the first entry is [base] seed)
+    seed_batch_tokens = 2048          # optional: the batch of the seed runs (default: the largest)
+    stop_at_target = false            # optional: stop runs at the target (see below)
 
     [base]                            # TrainConfig keys shared by every run (and the warm-up)
     preset = "tiny"
@@ -34,6 +36,8 @@ An experiment file has four parts (``experiments/smoke.toml`` is a complete smal
     lr = [1e-3, 3e-3]
     adam_lr = 1e-3                    # a number (fixed) or a list (a grid: the product with lr)
     batch_tokens = [2048]             # optional: run this method at these batch sizes of the grid only
+    [methods.muon]
+    lr = { 512 = [0.01, 0.02], 2048 = [0.02, 0.04] }   # or one learning-rate grid per batch size
 
 Rules the validation enforces, each with a :class:`~gnopt.errors.GnoptError` naming the file and key:
 
@@ -41,8 +45,8 @@ Rules the validation enforces, each with a :class:`~gnopt.errors.GnoptError` nam
   micro-batch size, evaluation set, seed and device live in ``[base]`` only; the study sets ``optimizer``,
   ``lr``, ``adam_lr``, ``batch_tokens`` (and so GN's ``inner_steps``), ``steps``, ``eval_every``,
   ``init_from`` and ``out`` itself;
-* every baseline's tuning grid is at least as large as the largest GN grid (the paper's protocol: the
-  baselines get at least GN's tuning budget);
+* at every batch size, every baseline's tuning grid is at least as large as the largest GN grid there (the
+  paper's protocol: the baselines get at least GN's tuning budget);
 * every run's config passes :func:`gnopt.config.resolve` (so a bad value is reported before anything runs).
 
 ``target_loss = "auto"`` is resolved when the results are analysed (:mod:`gnopt.study.analysis`): it is the
@@ -62,6 +66,18 @@ re-run with each other seed, from the same shared warm start (:func:`plan_seed_r
 run's data seed: it changes the order of the training batches and the micro-batches GN's line search
 draws; the model starts from the warm start's weights in every seed. The report gives each method's
 steps, passes and wall time to target per seed and each headline ratio as the median and range over seeds.
+``seed_batch_tokens`` moves the seed runs to another batch of the grid (default: the largest), e.g. where the
+largest is too expensive to repeat.
+
+**Stopping at the target** (``stop_at_target = true``): a run that has reached the target has measured what
+the study compares (steps, tokens, passes and wall time to target); the rest of its budget only buys its
+final loss. With this option the study first runs the runs that set an ``"auto"`` target (every baseline's
+sweep at the largest batch: they always run to the end), then starts every other run with
+``stop_at_loss`` = the target, so it stops (with a checkpoint) after its first evaluation at or below it.
+Its steps to target are those of the full run (its schedule is the full budget's: stopping does not change
+any step it took); its "final" loss is its loss where it stopped. If the target later moves lower (a wider
+grid at the largest batch), the study resumes those runs from their checkpoints until they reach the new
+one. ``stop_at_loss`` is a run-control field: it is not part of a run's fingerprint.
 """
 
 from __future__ import annotations
@@ -101,7 +117,7 @@ STUDY_FIELDS: frozenset[str] = frozenset(
 #: Keys of the ``[experiment]`` table.
 EXPERIMENT_KEYS: tuple[str, ...] = (
     "name", "description", "batch_tokens", "budget_tokens", "steps", "target_loss", "target_fraction",
-    "evals_per_run", "eval_every", "warmup_fraction", "seeds",
+    "evals_per_run", "eval_every", "warmup_fraction", "seeds", "seed_batch_tokens", "stop_at_target",
 )
 #: Keys of a method table besides TrainConfig fields.
 METHOD_KEYS: tuple[str, ...] = ("optimizer", "lr", "adam_lr", "budget_tokens", "steps", "batch_tokens")
@@ -142,20 +158,37 @@ class MethodSpec:
 
     name: str
     optimizer: str
-    lr: tuple[float, ...]
+    lr: tuple[float, ...]  # the learning rates swept (with ``lr_by_batch``: every batch size's, in order)
     adam_lr: tuple[float | None, ...] = (None,)
     overrides: Mapping[str, Any] = field(default_factory=dict)
     budget: Budget | None = None  # None: the experiment's budget
     batch_tokens: tuple[int, ...] | None = None  # None: the experiment's whole grid; else a subset of it
+    lr_by_batch: Mapping[int, tuple[float, ...]] | None = None  # one lr grid per batch size (else ``lr``)
 
     @property
     def is_gn(self) -> bool:
         return self.optimizer in GN_OPTIMIZERS
 
+    def lrs_at(self, batch_tokens: int) -> tuple[float, ...]:
+        """The learning rates swept at ``batch_tokens``."""
+        return self.lr if self.lr_by_batch is None else tuple(self.lr_by_batch[batch_tokens])
+
+    def grid_at(self, batch_tokens: int) -> list[tuple[float, float | None]]:
+        """The (lr, adam_lr) settings swept at ``batch_tokens``."""
+        return [(lr, alr) for lr in self.lrs_at(batch_tokens) for alr in self.adam_lr]
+
     @property
     def grid(self) -> list[tuple[float, float | None]]:
-        """The (lr, adam_lr) settings swept at every batch size."""
+        """The (lr, adam_lr) settings swept at every batch size (one lr grid for all batches); with
+        ``lr_by_batch``, every (lr, adam_lr) swept at some batch size."""
         return [(lr, alr) for lr in self.lr for alr in self.adam_lr]
+
+    def describe_lr(self) -> str:
+        """The lr grid as the report shows it: ``0.001, 0.003`` or ``64K: 0.001, 0.003; 256K: ...``."""
+        if self.lr_by_batch is None:
+            return ", ".join(f"{x:g}" for x in self.lr)
+        return "; ".join(f"{_short_tokens(b)}: " + ", ".join(f"{x:g}" for x in lrs)
+                         for b, lrs in sorted(self.lr_by_batch.items()))
 
 
 @dataclass(frozen=True)
@@ -197,10 +230,23 @@ class StudySpec:
     warmup: Mapping[str, Any]
     methods: tuple[MethodSpec, ...]
     seeds: tuple[int, ...] = ()  # [experiment] seeds (the [base] seed first); () = the sweep's seed only
+    seed_batch_tokens: int | None = None  # the batch of the seed runs; None: the largest
+    stop_at_target: bool = False  # stop runs at the target (module docstring)
 
     @property
     def largest_batch(self) -> int:
         return self.batch_tokens[-1]
+
+    @property
+    def seed_batch(self) -> int:
+        """The batch size of the seed runs: ``seed_batch_tokens``, or the largest batch of the grid."""
+        return self.seed_batch_tokens or self.largest_batch
+
+    def defines_target(self, run: RunSpec) -> bool:
+        """Whether ``run`` is one that an ``"auto"`` target is read from: a baseline's sweep run at the
+        largest batch (with ``stop_at_target``, these run first and always to the end)."""
+        return (self.target_loss is None and run.seed is None and run.optimizer in BASELINE_OPTIMIZERS
+                and run.batch_tokens == self.largest_batch)
 
     @property
     def base_seed(self) -> int:
@@ -253,8 +299,13 @@ class StudySpec:
             "warmup_fraction": self.warmup_fraction,
             "warmup": dict(self.warmup),
             "seeds": list(self.seeds) or [self.base_seed],
+            "seed_batch_tokens": self.seed_batch,
+            "stop_at_target": self.stop_at_target,
             "methods": [
-                {"name": m.name, "optimizer": m.optimizer, "lr": list(m.lr), "adam_lr": list(m.adam_lr),
+                {"name": m.name, "optimizer": m.optimizer,
+                 "lr": (list(m.lr) if m.lr_by_batch is None
+                        else {str(b): list(v) for b, v in sorted(m.lr_by_batch.items())}),
+                 "adam_lr": list(m.adam_lr),
                  "overrides": dict(m.overrides),
                  "budget": None if m.budget is None else {
                      "tokens": m.budget.tokens,
@@ -268,6 +319,10 @@ class StudySpec:
 # ------------------------------------------------------------------------------------------------------
 # parsing helpers
 # ------------------------------------------------------------------------------------------------------
+
+
+def _short_tokens(n: int) -> str:
+    return f"{n // 1048576}M" if n % 1048576 == 0 else f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 def _is_number(v: Any) -> bool:
@@ -447,6 +502,19 @@ def spec_from_mapping(raw: Mapping[str, Any], *, path: str | os.PathLike[str]) -
         if len(set(raw_seeds)) != len(raw_seeds):
             raise GnoptError(f"{where}: [experiment] seeds lists a seed twice: {raw_seeds}.")
         seeds = tuple(raw_seeds)
+    seed_batch: int | None = None
+    if "seed_batch_tokens" in exp:
+        seed_batch = _positive_int(f"{where}: [experiment] seed_batch_tokens", exp["seed_batch_tokens"])
+        if seed_batch not in batches:
+            raise GnoptError(f"{where}: [experiment] seed_batch_tokens = {seed_batch} is not in the batch "
+                             f"grid {list(batches)}.")
+        if not seeds:
+            raise GnoptError(f"{where}: [experiment] seed_batch_tokens is set but seeds is not: give the "
+                             "seeds of the seed runs, e.g. seeds = [0, 1, 2].")
+    stop_at_target = exp.get("stop_at_target", False)
+    if not isinstance(stop_at_target, bool):
+        raise GnoptError(f"{where}: [experiment] stop_at_target must be true or false, got "
+                         f"{stop_at_target!r}.")
 
     folder = Path(path).parent
     base_raw = raw.get("base", {})
@@ -509,7 +577,19 @@ def spec_from_mapping(raw: Mapping[str, Any], *, path: str | os.PathLike[str]) -
                              f"{', '.join(OPTIMIZERS)}.")
         if "lr" not in table:
             raise GnoptError(f"{mwhere}: missing lr, the learning-rate grid (e.g. lr = [1e-3, 3e-3]).")
-        lr = _lr_list(f"{mwhere}: lr", table["lr"])
+        lr_by_batch: dict[int, tuple[float, ...]] | None = None
+        if isinstance(table["lr"], dict):
+            lr_by_batch = {}
+            for k, v in table["lr"].items():
+                try:
+                    b = int(k)
+                except ValueError:
+                    raise GnoptError(f"{mwhere}: lr key {k!r} is not a batch size in tokens; write "
+                                     "lr = { 65536 = [...], 262144 = [...] }.") from None
+                lr_by_batch[b] = _lr_list(f"{mwhere}: lr for batch {b}", v)
+            lr = tuple(dict.fromkeys(x for _, v in sorted(lr_by_batch.items()) for x in v))
+        else:
+            lr = _lr_list(f"{mwhere}: lr", table["lr"])
         adam_lr: tuple[float | None, ...] = (None,)
         if "adam_lr" in table:
             adam_lr = _lr_list(f"{mwhere}: adam_lr", table["adam_lr"])
@@ -530,28 +610,41 @@ def spec_from_mapping(raw: Mapping[str, Any], *, path: str | os.PathLike[str]) -
             if outside:
                 raise GnoptError(f"{mwhere}: batch_tokens {outside} not in the experiment's grid "
                                  f"{list(batches)} ([experiment] batch_tokens).")
+        if lr_by_batch is not None:
+            runs_at = set(mbatches or batches)
+            if set(lr_by_batch) != runs_at:
+                missing, extra = sorted(runs_at - set(lr_by_batch)), sorted(set(lr_by_batch) - runs_at)
+                problems = ([f"missing {missing}"] if missing else []) + (
+                    [f"not a batch it runs at {extra}"] if extra else [])
+                raise GnoptError(f"{mwhere}: a per-batch lr table must name exactly the batch sizes the "
+                                 f"method runs at {sorted(runs_at)}; {'; '.join(problems)}.")
         mbudget = _budget(mwhere, table, mbatches or batches, required=False)
         methods.append(MethodSpec(name=mname, optimizer=optimizer, lr=lr, adam_lr=adam_lr,
-                                  overrides=overrides, budget=mbudget, batch_tokens=mbatches))
+                                  overrides=overrides, budget=mbudget, batch_tokens=mbatches,
+                                  lr_by_batch=lr_by_batch))
 
-    gn_sizes = [len(m.grid) for m in methods if m.is_gn]
-    for m in methods:
-        if not m.is_gn and gn_sizes and len(m.grid) < max(gn_sizes):
-            raise GnoptError(
-                f"{where}: [methods.{m.name}] sweeps {len(m.grid)} setting(s) but a GN method sweeps "
-                f"{max(gn_sizes)}; the protocol gives every baseline at least GN's tuning budget."
-            )
+    for b in batches:
+        gn_at = [(len(m.grid_at(b)), m.name) for m in methods if m.is_gn and b in (m.batch_tokens or batches)]
+        if not gn_at:
+            continue
+        n_gn, gn_name = max(gn_at)
+        for m in methods:
+            if not m.is_gn and b in (m.batch_tokens or batches) and len(m.grid_at(b)) < n_gn:
+                raise GnoptError(
+                    f"{where}: [methods.{m.name}] sweeps {len(m.grid_at(b))} setting(s) at batch {b} but "
+                    f"{gn_name} sweeps {n_gn}; the protocol gives every baseline at least GN's tuning budget."
+                )
 
     spec = StudySpec(
         path=p, name=name, description=description, base=base, batch_tokens=batches, budget=budget,
         target_loss=target_loss, target_fraction=target_fraction, evals_per_run=evals_per_run,
         eval_every=eval_every, warmup_fraction=warmup_fraction, warmup=warmup, methods=tuple(methods),
-        seeds=seeds,
+        seeds=seeds, seed_batch_tokens=seed_batch, stop_at_target=stop_at_target,
     )
     # Build (and resolve) every run once, so any invalid value surfaces now, naming its table.
     warmup_run(spec, Path("<out>"))
     plan_runs(spec, Path("<out>"))
-    plan_seed_runs(spec, Path("<out>"), {m.name: m.grid[0] for m in spec.methods})
+    plan_seed_runs(spec, Path("<out>"), seed_standin_settings(spec))
     return spec
 
 
@@ -613,17 +706,25 @@ def plan_runs(spec: StudySpec, out: Path, *, only: Sequence[str] | None = None) 
         for n in only:
             spec.method(n)  # raises for an unknown name
     return [_method_run(spec, m, out, b, lr, alr) for m in spec.methods if not (only and m.name not in only)
-            for b in spec.batches_of(m) for lr, alr in m.grid]
+            for b in spec.batches_of(m) for lr, alr in m.grid_at(b)]
+
+
+def seed_standin_settings(spec: StudySpec) -> dict[str, tuple[float, float | None]]:
+    """Each method's first setting at the seed batch: what the plan counts for its seed runs until the
+    sweep has chosen the best ones."""
+    b = spec.seed_batch
+    return {m.name: m.grid_at(b)[0] for m in spec.methods if b in spec.batches_of(m)}
 
 
 def plan_seed_runs(spec: StudySpec, out: Path, settings: Mapping[str, tuple[float, float | None]],
                    *, only: Sequence[str] | None = None) -> list[RunSpec]:
-    """The seed runs: for every method with a setting in ``settings`` (its best (lr, adam_lr) at the largest
+    """The seed runs: for every method with a setting in ``settings`` (its best (lr, adam_lr) at the seed
     batch, chosen from the sweep) and every extra seed of ``[experiment] seeds``, that setting re-run at the
-    largest batch with that data seed, from the same shared warm start, into
-    ``runs/<method>/B<batch>/<lr folder>-seed<seed>``. Methods that do not run at the largest batch get none.
+    seed batch (``seed_batch_tokens``, default the largest) with that data seed, from the same shared warm
+    start, into ``runs/<method>/B<batch>/<lr folder>-seed<seed>``. Methods that do not run at the seed batch
+    get none.
     """
-    b = spec.largest_batch
+    b = spec.seed_batch
     return [_method_run(spec, m, out, b, *settings[m.name], seed=seed) for m in spec.methods
             if m.name in settings and b in spec.batches_of(m) and not (only and m.name not in only)
             for seed in spec.extra_seeds]
