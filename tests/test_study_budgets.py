@@ -190,6 +190,13 @@ def test_stop_at_target_measures_what_full_runs_measure(tmp_path: Path) -> None:
     stopped = next(r for r in cut.all_runs if summaries[r.rel]["stop_reason"] == "stop_at_loss")
     assert run_action(stopped, b.target_loss) == "skip"
     assert run_action(stopped, 0.5) == "resume" and run_action(stopped) == "resume"
+    # a run planned for resumption before the target was settled is skipped once it is
+    later = StudyRunner(cut.spec, StudyOptions(out=cut.out), say=lambda line: None)
+    assert later.target is None and not later._reached(stopped, "resume")
+    later.target = b.target_loss
+    assert later._reached(stopped, "resume")
+    later.target = 0.5
+    assert not later._reached(stopped, "resume")
     lower = analyse(cut.spec, cut.out, cut.all_runs, cut.warmup, target_loss=0.5)
     assert next(r for r in lower.runs if r.run_dir == stopped.rel).status == "partial"
 

@@ -376,6 +376,12 @@ class StudyRunner:
                 self.say(f"target {self.target:.4f} (auto, from the {len(defining)} baseline runs at the "
                          "largest batch): every other run stops at its first evaluation at or below it")
 
+    def _reached(self, run: RunSpec, action: str) -> bool:
+        """A run planned for resumption before the target was known, that turns out to have stopped at or
+        below it (``stop_at_target``: the target is settled while the study runs)."""
+        return (action == "resume" and self.stop_loss(run) is not None
+                and run_action(run, self.target) == "skip")
+
     def _ordered(self, pending: list[tuple[int, RunSpec, str]]) -> list[tuple[int, RunSpec, str]]:
         """With ``stop_at_target``: the runs that set the target first, then the baselines' other runs, then
         the GN methods' (which gain the most from stopping at a known target); else the plan's order."""
@@ -553,6 +559,10 @@ class StudyRunner:
         for k, (idx, r, a) in enumerate(pending):
             if stop.requested:
                 break
+            if self._reached(r, a):
+                finished += 1
+                self.say(f"run {idx}/{n} {r.label}: already at the target {self.target}, skipped")
+                continue
             summary = self._run_one(idx, n, r, a, [p[1] for p in pending[k + 1:]], self.opt.threads, stop)
             if not _finished(summary):
                 stopped.append((idx, r, int(summary.get("steps") or 0)))
@@ -632,6 +642,10 @@ class StudyRunner:
             while queue or running:
                 while queue and len(running) < self.opt.jobs and not (halt or stop.requested):
                     idx, r, a = queue.pop(0)
+                    if self._reached(r, a):
+                        finished += 1
+                        self.say(f"run {idx}/{n} {r.label}: already at the target {self.target}, skipped")
+                        continue
                     self._start_line(idx, n, r, a, [q[1] for q in queue])
                     fut = pool.submit(_execute_in_worker, self._config(r, threads, True), a)
                     running[fut] = (idx, r)
