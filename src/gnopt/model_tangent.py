@@ -17,7 +17,10 @@ the detached primal activations — each layer's tangent rule written out:
   ``u_P = P ⊙ (u_S − rowsum(P ⊙ u_S))``, ``u_O = u_P v + P u_v``;
 * SwiGLU ``h = silu(a) ⊙ b``: ``u_h = silu'(a) u_a ⊙ b + silu(a) ⊙ u_b``.
 
-Parameters without a tangent cost nothing (layerwise blocks pass a tangent for one block only).
+Parameters without a tangent cost nothing (layerwise blocks pass a tangent for one block only). As with
+``functional_call``, a parameter missing from ``params`` (a frozen one: GN passes the trainable ones only)
+is the module's own tensor, with no tangent, and a tied parameter (e.g. ``lm_head.weight is
+tok_emb.weight``) takes its value and tangent under any of its names, so both of its uses carry them.
 ``tests/test_model_tangent.py`` checks it against forward-mode AD and dense float64 Jacobians.
 """
 
@@ -144,14 +147,39 @@ def _swiglu(i: int, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor],
     return _linear(hidden, params[p + "w2.weight"], uh, tangent.get(p + "w2.weight"))
 
 
+def _by_module_name(
+    model: LLaMA, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """θ and Δ under every name a module of ``model`` holds a parameter by (as ``functional_call`` with
+    ``tie_weights=True`` resolves them): a tied parameter gets the entry given under any of its names, a
+    parameter with no entry keeps the module's own tensor (and has no tangent)."""
+    aliases: dict[int, list[str]] = {}
+    own: dict[str, Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+        own[name] = p
+    values: dict[str, Tensor] = {}
+    tangents: dict[str, Tensor] = {}
+    for names in aliases.values():
+        value = next((params[n] for n in names if n in params), None)
+        tan = next((tangent[n] for n in names if n in tangent), None)
+        for n in names:
+            values[n] = params[n] if n in params else value if value is not None else own[n]
+            t = tangent[n] if n in tangent else tan
+            if t is not None:
+                tangents[n] = t
+    return values, tangents
+
+
 def llama_forward_with_tangent(
     model: LLaMA, params: Mapping[str, Tensor], idx: Tensor, tangent: Mapping[str, Tensor]
 ) -> tuple[Tensor, Tensor]:
     """``(f(θ; idx), J Δ)``: logits with a graph to the ``params`` that require grad, and their tangent.
 
-    ``params`` holds every parameter of ``model`` by name (θ); ``tangent`` holds Δ for any subset. The
-    tangent carries no graph.
+    ``params`` holds θ by name (a parameter it leaves out is the module's own); ``tangent`` holds Δ for
+    any subset. The tangent carries no graph.
     """
+    params, tangent = _by_module_name(model, params, tangent)
     cfg = model.config
     emb = params["tok_emb.weight"]
     x = F.embedding(idx, emb)
