@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +249,88 @@ def test_interrupted_stream_resumes_instead_of_restarting(
     docs_resumed = sum(calls)
     assert docs_resumed < reference.meta["documents"] - done_before // 40  # it did not start over
     assert not partial[0].exists()
+
+
+_RACER = '''
+import pathlib, sys, time
+import gnopt.data.stream as s
+role, sync, data, cache = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+def wait(name):  # the test process orders the two preparations through these files
+    end = time.monotonic() + 60
+    while not (sync / name).exists():
+        if time.monotonic() > end:
+            sys.exit(f"timed out waiting for {name}")
+        time.sleep(0.01)
+
+real_make, real_encode, first = s.make_tokenizer, s._encode_docs, [True]
+
+def make(*args, **kwargs):
+    if role == "B":  # B has seen no progress.json and is about to (re)start the partial folder
+        (sync / "b-tokenizing").touch()
+        wait("go-b")
+    return real_make(*args, **kwargs)
+
+def encode(tok, docs):
+    if first[0]:  # half-way: the partial folder holds a tokenizer and progress.json, the shards grow
+        first[0] = False
+        (sync / f"{role.lower()}-writing").touch()
+        wait(f"go-{role.lower()}-writing")
+    return real_encode(tok, docs)
+
+s.make_tokenizer, s._encode_docs = make, encode
+from gnopt.data import prepare
+from gnopt.errors import GnoptError
+try:
+    prepare(f"hf:{data}", "bytes", cache_dir=cache, max_tokens=4000)
+except GnoptError as exc:
+    print(f"gnopt: error: {exc}")
+    sys.exit(3)
+'''
+
+
+def test_two_processes_preparing_one_streamed_entry_end_in_one_valid_entry(tmp_path: Path) -> None:
+    """B checks for progress, then (slowly, as while a BPE trains) starts its partial folder; A meanwhile
+    starts, writes and waits half-way; then B goes on, then A. Whatever the order, the partial folder is
+    only touched under the lock: each process either builds the entry or is refused with one clean error,
+    and the cache ends with one entry that loads and equals a preparation made alone."""
+    pytest.importorskip("datasets")
+    path = _jsonl(tmp_path / "rows.jsonl", _docs(300, 7))
+    reference = prepare(f"hf:{path}", "bytes", cache_dir=tmp_path / "ref", max_tokens=4000)
+    cache, sync = tmp_path / "cache", tmp_path / "sync"
+    sync.mkdir()
+    script = tmp_path / "racer.py"
+    script.write_text(_RACER, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+
+    def start(role: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, str(script), role, str(sync), str(path), str(cache)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def until(name: str, proc: subprocess.Popen[str]) -> None:
+        for _ in range(6000):
+            if (sync / name).exists() or proc.poll() is not None:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"neither {name} nor an exit")
+
+    b = start("B")
+    until("b-tokenizing", b)
+    a = start("A")
+    until("a-writing", a)
+    (sync / "go-b").touch()
+    until("b-writing", b)
+    (sync / "go-a-writing").touch()
+    a_out = a.communicate(timeout=120)[0]
+    (sync / "go-b-writing").touch()
+    b_out = b.communicate(timeout=120)[0]
+    outcomes = {"A": (a.returncode, a_out), "B": (b.returncode, b_out)}
+    for role, (rc, out) in outcomes.items():
+        assert rc == 0 or (rc == 3 and out.startswith("gnopt: error:") and "in use by" in out), (role, out)
+    assert 0 in (a.returncode, b.returncode)
+    entries = sorted(p.name for p in (cache / "data").iterdir())
+    assert len(entries) == 1 and not entries[0].startswith("."), entries  # no partial folder, no lock file
+    again = prepare(f"hf:{path}", "bytes", cache_dir=cache, max_tokens=4000)
+    assert again.cache_hit
+    np.testing.assert_array_equal(again.train, reference.train)
+    np.testing.assert_array_equal(again.valid, reference.valid)

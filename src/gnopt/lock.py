@@ -12,6 +12,9 @@ it ends, so a lock left by a process killed with ``kill -9`` (or by a power cut)
 process takes it over. The holder deletes the file when it releases the lock; to make that deletion safe,
 a taker checks after locking that the path still names the file it locked (else it starts over).
 
+A streamed cache entry (:mod:`gnopt.data.stream`) is guarded the same way, by the lock file
+``.<entry>.lock`` beside it (its partial folder is deleted and recreated under that lock).
+
 Without ``fcntl`` (not POSIX) no lock is taken. ``flock`` works on local file systems and, on Linux, on
 NFS (emulated with POSIX locks) as well.
 """
@@ -92,13 +95,16 @@ class FolderLock:
 
     ``what`` names the folder in the refusal message ("the run folder", "the study folder"). Usable as a
     context manager. A process may hold several locks (a study's folder and its warm-up's folder), but not
-    two on the same folder.
+    two on the same folder. ``name`` is the lock file's name in ``folder`` and ``target`` the path the
+    refusal message names (default: ``folder``), for a lock on something that is not the folder itself.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], what: str = "the folder") -> None:
+    def __init__(self, folder: str | os.PathLike[str], what: str = "the folder", *, name: str = LOCK_NAME,
+                 target: str | os.PathLike[str] | None = None) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
         self.what = what
+        self.target = Path(target) if target is not None else self.folder
         self._fd: int | None = None
 
     @property
@@ -120,7 +126,7 @@ class FolderLock:
                 holder = self._read(fd)
                 os.close(fd)
                 raise GnoptError(
-                    f"{self.what} {self.folder} is in use by {describe_holder(holder)}: only one process may "
+                    f"{self.what} {self.target} is in use by {describe_holder(holder)}: only one process may "
                     f"write it at a time. Wait until that process ends, or stop it ({_stop_hint(holder)}: it "
                     "checkpoints and exits), then run this again."
                 ) from None

@@ -15,12 +15,14 @@ Resumable: the work happens in ``<cache>/data/.<entry>.partial/``, which holds t
 fsynced first, then ``progress.json`` replaced atomically); a rerun of the same command truncates the
 shards to the last commit and continues the streams from there, so at most one commit's work is redone.
 When the budget is reached the shard headers are written and the folder is renamed into place, exactly
-like an in-memory entry. A lock file keeps two processes from building the same entry at once.
+like an in-memory entry. The lock file ``<cache>/data/.<entry>.lock`` (a :class:`~gnopt.lock.FolderLock`)
+keeps two processes from building the same entry at once: it is taken before the partial folder is read,
+deleted or written, and released after the rename; a second process is refused with an error naming the
+first (see :mod:`gnopt.lock` for what the lock guarantees on NFS).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -33,9 +35,10 @@ from typing import Any
 import numpy as np
 
 from gnopt.data.shards import ShardAppender
-from gnopt.data.sources import TextSource, open_hf_stream, row_text_getter
+from gnopt.data.sources import StreamedDataset, TextSource, open_hf_stream, row_text_getter
 from gnopt.data.tokenizer import BPE_SAMPLE_CHARS, BPETokenizer, Tokenizer, load_tokenizer, make_tokenizer
 from gnopt.errors import GnoptError
+from gnopt.lock import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,30 @@ def prepare_streamed(
     t0 = time.perf_counter()
     stream = open_hf_stream(data_spec)  # before anything is written: an unreachable dataset writes nothing
     partial = folder.with_name(f".{folder.name}.partial")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # The partial folder is read, deleted, written and renamed only under this lock.
+    with FolderLock(folder.parent, "the streamed cache entry", name=f".{folder.name}.lock", target=partial):
+        if folder.is_dir():  # another process published it after our caller looked
+            return
+        _prepare_locked(data_spec, tokenizer, vocab_size, pretrained, max_tokens, folder, key, valid_src,
+                        meta_extra, stream, partial, t0)
+
+
+def _prepare_locked(
+    data_spec: str,
+    tokenizer: str,
+    vocab_size: int,
+    pretrained: Tokenizer | None,
+    max_tokens: int,
+    folder: Path,
+    key: str,
+    valid_src: TextSource | None,
+    meta_extra: dict[str, Any],
+    stream: StreamedDataset,
+    partial: Path,
+    t0: float,
+) -> None:
+    """:func:`prepare_streamed` once it holds the entry's lock."""
     vbudget = valid_budget(max_tokens)
     own_valid = valid_src is None and stream.valid is not None
     held_out = valid_src is None and stream.valid is None
@@ -170,12 +197,6 @@ def prepare_streamed(
         log.info("data: resuming %s at %d training + %d validation tokens", partial,
                  progress["train_tokens"], progress["valid_tokens"])
 
-    lock = (partial / "lock").open("w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise GnoptError(f"{partial} is being prepared by another process; wait for it to finish.") from None
     train_app = ShardAppender(partial / "train.bin", progress["train_tokens"])
     valid_app = ShardAppender(partial / "valid.bin", progress["valid_tokens"])
     resumed_at = progress["train_tokens"] + progress["valid_tokens"]
@@ -238,7 +259,6 @@ def prepare_streamed(
     finally:
         train_app.close()
         valid_app.close()
-        lock.close()
 
     seconds = time.perf_counter() - t0
     new_tokens = train_app.count + valid_app.count - resumed_at
@@ -267,7 +287,6 @@ def prepare_streamed(
         "tokens_per_second": new_tokens / seconds if seconds > 0 else None,
     }
     (partial / PROGRESS).unlink()
-    (partial / "lock").unlink(missing_ok=True)
     (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     try:
         os.rename(partial, folder)
