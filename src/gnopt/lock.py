@@ -16,11 +16,17 @@ A streamed cache entry (:mod:`gnopt.data.stream`) is guarded the same way, by th
 ``.<entry>.lock`` beside it (its partial folder is deleted and recreated under that lock).
 
 Without ``fcntl`` (not POSIX) no lock is taken. ``flock`` works on local file systems and, on Linux, on
-NFS (emulated with POSIX locks) as well.
+NFS (emulated with POSIX byte-range locks, which the server's lock manager grants): processes on different
+hosts then exclude each other as well. It guarantees nothing where the mount has no lock manager
+(``nolock``, NFSv3 without ``lockd``/``statd``): the kernel then either grants every lock locally, so two
+hosts could write the same folder, or refuses it (``ENOLCK``, and ``EOPNOTSUPP`` on some FUSE file
+systems); a refusal is a :class:`~gnopt.errors.GnoptError` that says to use a local disk or enable locking.
+A lock held on a host that crashes is released when the NFS server's lease on it expires.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -40,6 +46,20 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".gnopt.lock"
+#: ``flock`` errors that mean "this file system does not lock", not "someone else holds the lock".
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def unsupported_lock_error(path: Path, exc: OSError) -> GnoptError:
+    """The one-line error for a file system that cannot lock ``path`` (NFS without a lock manager, FUSE)."""
+    code = errno.errorcode.get(exc.errno or 0, exc.errno)
+    return GnoptError(
+        f"cannot lock {path}: {exc.strerror or exc} ({code}); "
+        "its file system does not support file locks (NFS mounted without a lock manager, e.g. 'nolock' or "
+        "no lockd/statd, or a FUSE file system). gnopt locks the folders it writes so that two processes "
+        "never write the same one: put it on a local disk (choose another --out, or --cache-dir / "
+        "GNOPT_CACHE for the token cache), or mount the file system with locking enabled."
+    )
 
 
 def this_command() -> str:
@@ -130,6 +150,11 @@ class FolderLock:
                     f"write it at a time. Wait until that process ends, or stop it ({_stop_hint(holder)}: it "
                     "checkpoints and exits), then run this again."
                 ) from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in _NO_LOCKING:
+                    raise unsupported_lock_error(self.path, exc) from None
+                raise GnoptError(f"cannot lock {self.path}: {exc.strerror or exc}.") from None
             except BaseException:
                 os.close(fd)
                 raise
