@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -334,3 +336,68 @@ def test_two_processes_preparing_one_streamed_entry_end_in_one_valid_entry(tmp_p
     assert again.cache_hit
     np.testing.assert_array_equal(again.train, reference.train)
     np.testing.assert_array_equal(again.valid, reference.valid)
+
+
+def test_streamed_bpe_without_validation_split_is_trained_on_training_documents_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No validation split: validation is held out from the stream, and a gnopt BPE must not have seen it.
+    Every document is numbered: the BPE's sample holds training documents only, validation none of them;
+    nothing is lost or repeated; a preparation interrupted half-way resumes to the same entry."""
+    pytest.importorskip("datasets")
+    docs = [f"doc{i:04d} {d}" for i, d in enumerate(_docs(500, 8))]
+    path = _jsonl(tmp_path / "rows.jsonl", docs)
+    monkeypatch.setattr(stream_mod, "BATCH_DOCS", 20)
+    monkeypatch.setattr(stream_mod, "BPE_SAMPLE_CHARS", 3000)
+    monkeypatch.setattr(stream_mod, "COMMIT_TOKENS", 500)
+    samples: list[str] = []
+    real_make = stream_mod.make_tokenizer
+
+    def spy(kind: str, text: str | None = None, *args: Any) -> Any:
+        samples.append(text or "")
+        return real_make(kind, text, *args)
+
+    monkeypatch.setattr(stream_mod, "make_tokenizer", spy)
+    prepared = prepare(f"hf:{path}", "bpe", vocab_size=300, cache_dir=tmp_path / "cache", max_tokens=4000)
+    assert prepared.meta["valid_source"] == "held-out documents" and prepared.meta["budget_reached"]
+
+    def numbers(text: str) -> list[int]:
+        return [int(m) for m in re.findall(r"doc(\d{4})", text)]
+
+    seen = numbers(samples[0])
+    valid = numbers(prepared.tokenizer.decode(prepared.valid))
+    train = numbers(prepared.tokenizer.decode(prepared.train))
+    assert len(seen) >= 20 and valid and train
+    assert not set(seen) & set(valid), "the tokenizer was trained on validation documents"
+    assert set(seen) <= set(train)
+    assert len(prepared.valid) >= 200  # 5% of the budget
+    # Stream order, nothing lost or repeated: training starts with the tokenizer's sample, validation
+    # follows it, then training goes on (the last training document may be cut by the budget).
+    assert valid == list(range(valid[0], valid[-1] + 1)) and valid[0] == len(seen)
+    assert train == [*range(len(seen)), *range(valid[-1] + 1, train[-1] + 1)]
+
+    real_encode = stream_mod._encode_docs
+    calls: list[int] = []
+
+    def crash_once(tok: Any, batch: list[str]) -> Any:
+        calls.append(1)
+        if len(calls) == 5:
+            raise _Crash
+        return real_encode(tok, batch)
+
+    monkeypatch.setattr(stream_mod, "_encode_docs", crash_once)
+    with pytest.raises(_Crash):
+        prepare(f"hf:{path}", "bpe", vocab_size=300, cache_dir=tmp_path / "again", max_tokens=4000)
+    resumed = prepare(f"hf:{path}", "bpe", vocab_size=300, cache_dir=tmp_path / "again", max_tokens=4000)
+    np.testing.assert_array_equal(resumed.train, prepared.train)
+    np.testing.assert_array_equal(resumed.valid, prepared.valid)
+
+    # A stream that fits in the tokenizer's sample: its last twentieth of documents stays out of it.
+    monkeypatch.setattr(stream_mod, "_encode_docs", real_encode)
+    monkeypatch.setattr(stream_mod, "BPE_SAMPLE_CHARS", 10**7)
+    samples.clear()
+    small = prepare(f"hf:{path}", "bpe", vocab_size=300, cache_dir=tmp_path / "small", max_tokens=10**5)
+    seen = numbers(samples[0])
+    assert seen == list(range(475))
+    assert numbers(small.tokenizer.decode(small.valid)) == list(range(475, 500))
+    assert numbers(small.tokenizer.decode(small.train)) == seen

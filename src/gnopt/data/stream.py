@@ -7,7 +7,10 @@ appends the ids to the same uint16 shards as the in-memory path, until ``max_tok
 
 Validation: the dataset's own validation split (``validation``/``valid``/``val``, when no split is named)
 gives :func:`valid_budget` tokens; without one, the first documents of the training stream are held out
-for it (and not trained on). An explicit ``valid_data`` is read and tokenized whole instead.
+for it (and not trained on). A gnopt BPE is trained on the stream's first ~10M characters; without a
+validation split, those documents are training documents (the first ones) and the validation documents are
+held out right after them, so the tokenizer never sees validation text. An explicit ``valid_data`` is read
+and tokenized whole instead.
 
 Resumable: the work happens in ``<cache>/data/.<entry>.partial/``, which holds the tokenizer, the growing
 ``valid.bin``/``train.bin`` and ``progress.json`` (token counts and the datasets' own stream positions,
@@ -157,19 +160,31 @@ def _prepare_locked(
         if not progress or progress.get("key") != key:
             progress = None
     tok: Tokenizer
+    head = 0  # held out after a BPE's sample: the stream's first `head` documents are training documents
     if progress is None:
         if pretrained is not None:
             tok = pretrained
         elif tokenizer == "bpe":  # trained on the first ~10M characters of the training stream
             sample: list[str] = []
             total = 0
+            exhausted = True
             for batch in _rows(open_hf_stream(data_spec).train, data_spec):
                 sample.extend(batch)
                 total += sum(len(d) for d in batch)
                 if total >= BPE_SAMPLE_CHARS:
+                    exhausted = False
                     break
             if not sample:
                 raise GnoptError(f"{stream.description} holds no text.")
+            if held_out:
+                # The validation documents are held out *after* the sample, whose documents are trained
+                # on: the tokenizer never sees validation text. A stream that fits in the sample keeps its
+                # last twentieth of documents out of it.
+                if exhausted:
+                    sample = sample[: len(sample) - max(1, len(sample) // 20)]
+                if not sample:
+                    raise GnoptError(f"{stream.description} is too small to hold out validation documents.")
+                head = len(sample)
             tok = make_tokenizer("bpe", "\n".join(sample), vocab_size)
         else:
             tok = make_tokenizer(tokenizer)
@@ -180,6 +195,8 @@ def _prepare_locked(
         progress = {"key": key, "phase": "valid", "valid_tokens": 0,
                     "train_tokens": 0, "train_state": None, "valid_state": None, "documents": 0,
                     "train_bytes": 0, "valid_bytes": 0}
+        if head:
+            progress["train_head_docs"] = head
         if valid_src is not None:
             loaded = valid_src.read()
             ids = tok.encode_corpus(loaded.text)
@@ -196,6 +213,7 @@ def _prepare_locked(
                              pretrained_source=getattr(pretrained, "source", None))
         log.info("data: resuming %s at %d training + %d validation tokens", partial,
                  progress["train_tokens"], progress["valid_tokens"])
+        head = int(progress.get("train_head_docs", 0))
 
     train_app = ShardAppender(partial / "train.bin", progress["train_tokens"])
     valid_app = ShardAppender(partial / "valid.bin", progress["valid_tokens"])
@@ -226,11 +244,16 @@ def _prepare_locked(
             progress["phase"] = "train"
             commit()
         last = train_app.count + valid_app.count
-        done = train_app.count >= max_tokens
+
+        def full() -> bool:  # the training budget is reached and the validation documents are held out
+            return train_app.count >= max_tokens and progress["phase"] != "valid"
+
+        done = full()
         if not done:
             for batch in _rows(stream.train, data_spec):
-                for doc, ids in _encode_docs(tok, batch):
-                    if progress["phase"] == "valid":  # held out: the stream's first documents
+                for j, (doc, ids) in enumerate(_encode_docs(tok, batch)):
+                    # held out: the stream's first documents (after a BPE's sample, which is trained on)
+                    if progress["phase"] == "valid" and progress["documents"] + j >= head:
                         valid_app.append(ids)
                         progress["valid_bytes"] += _nbytes(doc, len(ids), len(ids))
                         if valid_app.count >= vbudget:
@@ -239,10 +262,10 @@ def _prepare_locked(
                     kept = ids[: max_tokens - train_app.count]
                     train_app.append(kept)
                     progress["train_bytes"] += _nbytes(doc, len(kept), len(ids))
-                    if train_app.count >= max_tokens:
+                    if full():
                         break
                 progress["documents"] += len(batch)  # (the last batch may be used in part)
-                if train_app.count >= max_tokens:
+                if full():
                     done = True
                     break
                 if train_app.count + valid_app.count - last >= COMMIT_TOKENS:
@@ -264,6 +287,8 @@ def _prepare_locked(
     new_tokens = train_app.count + valid_app.count - resumed_at
     if own_valid:
         valid_rule = f"validation from its own {stream.valid_split!r} split"
+    elif held_out and head:
+        valid_rule = "validation = the stream's first documents after the tokenizer's sample, held out"
     elif held_out:
         valid_rule = "validation = the stream's first documents, held out"
     else:
