@@ -21,7 +21,8 @@ hosts then exclude each other as well. It guarantees nothing where the mount has
 (``nolock``, NFSv3 without ``lockd``/``statd``): the kernel then either grants every lock locally, so two
 hosts could write the same folder, or refuses it (``ENOLCK``, and ``EOPNOTSUPP`` on some FUSE file
 systems); a refusal is a :class:`~gnopt.errors.GnoptError` that says to use a local disk or enable locking.
-A lock held on a host that crashes is released when the NFS server's lease on it expires.
+A lock held by a host that crashes is released once the server notices (NFSv4: its lease expires; NFSv3:
+the host's statd reports its reboot), not at once.
 """
 
 from __future__ import annotations
