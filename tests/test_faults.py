@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -512,3 +514,82 @@ def test_a_signal_stops_a_one_process_study_after_a_step(tmp_path: Path, mini_st
     assert main(study_args(exp, out, 1)) == 0
     assert "resume at step 1 adamw B=256 lr=0.003" in capfd.readouterr().out
     assert results(out) == results(reference)
+
+
+def _spawned_workers(pid: int) -> list[int]:
+    """PIDs of the multiprocessing ``spawn`` workers among the children of process ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_while_the_workers_start_stops_the_study_gracefully(tmp_path: Path,
+                                                                  started: list[int]) -> None:
+    """Ctrl-C reaches the terminal's whole process group: here while the ``--jobs`` workers are still
+    starting up (importing), before they could set their own signal handling. They must not die of it (a
+    dead worker breaks the pool: a ``BrokenProcessPool`` traceback); the study stops as after any Ctrl-C."""
+    exp = tmp_path / "mini.toml"
+    exp.write_text(MINI_STUDY, encoding="utf-8")
+    out = tmp_path / "study"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "gnopt", *study_args(exp, out, 2)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started.append(proc.pid)
+    wait_for(lambda: bool(_spawned_workers(proc.pid)), proc, "a worker process", timeout=120)
+    workers = _spawned_workers(proc.pid)
+    started.extend(workers)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert "SIGINT received" in stderr and "study stopped (SIGINT)" in stdout, (stdout, stderr)
+    assert not [pid for pid in workers if alive(pid)]
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP], ids=["ENOLCK", "EOPNOTSUPP"])
+def test_a_file_system_without_locks_is_one_error_line(tmp_path: Path, corpus: Path, code: int,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """NFS without a lock manager (ENOLCK) or a FUSE mount (EOPNOTSUPP) refuses ``flock``: one
+    ``gnopt: error:`` line that says why and what to do, for a run folder and for a streamed cache entry."""
+    import fcntl
+
+    import gnopt.lock as lock_mod
+
+    def refuse(fd: int, op: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(lock_mod, "fcntl", types.SimpleNamespace(flock=refuse, LOCK_EX=fcntl.LOCK_EX,
+                                                                  LOCK_NB=fcntl.LOCK_NB))
+    out = tmp_path / "run"
+    msg = one_error_line(capsys, gn_args(corpus, out))
+    assert f"cannot lock {out / LOCK_NAME}" in msg and "does not support file locks" in msg, msg
+    assert "local disk" in msg and "--out" in msg, msg
+    pytest.importorskip("datasets")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"document {i}."}) + "\n" for i in range(50)),
+                    encoding="utf-8")
+    msg = one_error_line(capsys, ["prepare", "--data", f"hf:{rows}", "--tokenizer", "bytes", "--max-tokens",
+                                  "200", "--cache-dir", str(tmp_path / "cache")])
+    assert "does not support file locks" in msg and "--cache-dir" in msg, msg
+
+
+def test_the_data_and_lock_modules_import_without_fcntl(tmp_path: Path) -> None:
+    """Not POSIX (Windows): no ``fcntl``. The streamed-data module still imports, and locks are no-ops."""
+    code = ("import sys; sys.modules['fcntl'] = None\n"
+            "import gnopt.data.stream\n"
+            "from gnopt.lock import FolderLock\n"
+            f"assert not FolderLock({str(tmp_path)!r}).acquire().held\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -328,6 +328,31 @@ def test_adaptive_damping_follows_rho_and_feeds_the_solve() -> None:
     assert "down" in seen or "up" in seen  # λ did move
 
 
+def test_adaptive_damping_rises_after_failed_steps() -> None:
+    """A step that fails counts as the worst ρ (Levenberg-Marquardt): λ ×3/2. Here λ is far too small and
+    the inner optimizer climbs the model (SGD with ``maximize=True``), so no step size of the model search
+    lowers the loss: α = 0, θ stays, ρ is undefined (0/0), and λ must still rise every step; a step
+    rejected outright (no finite loss at θ_t) raises it too."""
+    case = CASES["mlp_ce_masked"]
+    gen = torch.Generator().manual_seed(31)
+    lam = 1e-6
+    model = case.make_model(0)
+    gn = GaussNewton(model, case.loss, inner_steps=1, damping=lam, adapt_damping=True, inner_clip=None,
+                     inner=TorchOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.5, maximize=True)),
+                     line_search=LineSearch(kind="model", source="inner"))  # d = +0.5 ∇L: an ascent
+    theta0 = theta_flat(model)
+    for t in range(3):
+        rec = gn.step(iter([case.make_batch(gen)]))
+        assert rec.alpha == 0.0 and rec.rho is None and rec.damping == pytest.approx(lam * 1.5 ** t)
+        assert gn.damping == pytest.approx(lam * 1.5 ** (t + 1), rel=1e-12)
+    assert torch.equal(theta_flat(model), theta0)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    rec = gn.step(iter([case.make_batch(gen)]))
+    assert rec.rejected and rec.alpha is None
+    assert gn.damping == pytest.approx(lam * 1.5 ** 4, rel=1e-12)
+
+
 def test_ema_and_warm_start_off() -> None:
     """EMA of the outer iterates: e_1 = θ_1, e_t = d·e_{t−1} + (1 − d)·θ_t; with warm_start=False every
     step restarts θ̂ at θ_{t+1} with a fresh inner optimizer (no momentum state)."""

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -248,3 +251,153 @@ def test_interrupted_stream_resumes_instead_of_restarting(
     docs_resumed = sum(calls)
     assert docs_resumed < reference.meta["documents"] - done_before // 40  # it did not start over
     assert not partial[0].exists()
+
+
+_RACER = '''
+import pathlib, sys, time
+import gnopt.data.stream as s
+role, sync, data, cache = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+def wait(name):  # the test process orders the two preparations through these files
+    end = time.monotonic() + 60
+    while not (sync / name).exists():
+        if time.monotonic() > end:
+            sys.exit(f"timed out waiting for {name}")
+        time.sleep(0.01)
+
+real_make, real_encode, first = s.make_tokenizer, s._encode_docs, [True]
+
+def make(*args, **kwargs):
+    if role == "B":  # B has seen no progress.json and is about to (re)start the partial folder
+        (sync / "b-tokenizing").touch()
+        wait("go-b")
+    return real_make(*args, **kwargs)
+
+def encode(tok, docs):
+    if first[0]:  # half-way: the partial folder holds a tokenizer and progress.json, the shards grow
+        first[0] = False
+        (sync / f"{role.lower()}-writing").touch()
+        wait(f"go-{role.lower()}-writing")
+    return real_encode(tok, docs)
+
+s.make_tokenizer, s._encode_docs = make, encode
+from gnopt.data import prepare
+from gnopt.errors import GnoptError
+try:
+    prepare(f"hf:{data}", "bytes", cache_dir=cache, max_tokens=4000)
+except GnoptError as exc:
+    print(f"gnopt: error: {exc}")
+    sys.exit(3)
+'''
+
+
+def test_two_processes_preparing_one_streamed_entry_end_in_one_valid_entry(tmp_path: Path) -> None:
+    """B checks for progress, then (slowly, as while a BPE trains) starts its partial folder; A meanwhile
+    starts, writes and waits half-way; then B goes on, then A. Whatever the order, the partial folder is
+    only touched under the lock: each process either builds the entry or is refused with one clean error,
+    and the cache ends with one entry that loads and equals a preparation made alone."""
+    pytest.importorskip("datasets")
+    path = _jsonl(tmp_path / "rows.jsonl", _docs(300, 7))
+    reference = prepare(f"hf:{path}", "bytes", cache_dir=tmp_path / "ref", max_tokens=4000)
+    cache, sync = tmp_path / "cache", tmp_path / "sync"
+    sync.mkdir()
+    script = tmp_path / "racer.py"
+    script.write_text(_RACER, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+
+    def start(role: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, str(script), role, str(sync), str(path), str(cache)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def until(name: str, proc: subprocess.Popen[str]) -> None:
+        for _ in range(6000):
+            if (sync / name).exists() or proc.poll() is not None:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"neither {name} nor an exit")
+
+    b = start("B")
+    until("b-tokenizing", b)
+    a = start("A")
+    until("a-writing", a)
+    (sync / "go-b").touch()
+    until("b-writing", b)
+    (sync / "go-a-writing").touch()
+    a_out = a.communicate(timeout=120)[0]
+    (sync / "go-b-writing").touch()
+    b_out = b.communicate(timeout=120)[0]
+    outcomes = {"A": (a.returncode, a_out), "B": (b.returncode, b_out)}
+    for role, (rc, out) in outcomes.items():
+        assert rc == 0 or (rc == 3 and out.startswith("gnopt: error:") and "in use by" in out), (role, out)
+    assert 0 in (a.returncode, b.returncode)
+    entries = sorted(p.name for p in (cache / "data").iterdir())
+    assert len(entries) == 1 and not entries[0].startswith("."), entries  # no partial folder, no lock file
+    again = prepare(f"hf:{path}", "bytes", cache_dir=cache, max_tokens=4000)
+    assert again.cache_hit
+    np.testing.assert_array_equal(again.train, reference.train)
+    np.testing.assert_array_equal(again.valid, reference.valid)
+
+
+def test_streamed_bpe_without_validation_split_is_trained_on_training_documents_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No validation split: validation is held out from the stream, and a gnopt BPE must not have seen it.
+    Every document is numbered: the BPE's sample holds training documents only, validation none of them;
+    nothing is lost or repeated; a preparation interrupted half-way resumes to the same entry."""
+    pytest.importorskip("datasets")
+    docs = [f"doc{i:04d} {d}" for i, d in enumerate(_docs(500, 8))]
+    path = _jsonl(tmp_path / "rows.jsonl", docs)
+    monkeypatch.setattr(stream_mod, "BATCH_DOCS", 20)
+    monkeypatch.setattr(stream_mod, "BPE_SAMPLE_CHARS", 3000)
+    monkeypatch.setattr(stream_mod, "COMMIT_TOKENS", 500)
+    samples: list[str] = []
+    real_make = stream_mod.make_tokenizer
+
+    def spy(kind: str, text: str | None = None, *args: Any) -> Any:
+        samples.append(text or "")
+        return real_make(kind, text, *args)
+
+    monkeypatch.setattr(stream_mod, "make_tokenizer", spy)
+    prepared = prepare(f"hf:{path}", "bpe", vocab_size=300, cache_dir=tmp_path / "cache", max_tokens=4000)
+    assert prepared.meta["valid_source"] == "held-out documents" and prepared.meta["budget_reached"]
+
+    def numbers(text: str) -> list[int]:
+        return [int(m) for m in re.findall(r"doc(\d{4})", text)]
+
+    seen = numbers(samples[0])
+    valid = numbers(prepared.tokenizer.decode(prepared.valid))
+    train = numbers(prepared.tokenizer.decode(prepared.train))
+    assert len(seen) >= 20 and valid and train
+    assert not set(seen) & set(valid), "the tokenizer was trained on validation documents"
+    assert set(seen) <= set(train)
+    assert len(prepared.valid) >= 200  # 5% of the budget
+    # Stream order, nothing lost or repeated: training starts with the tokenizer's sample, validation
+    # follows it, then training goes on (the last training document may be cut by the budget).
+    assert valid == list(range(valid[0], valid[-1] + 1)) and valid[0] == len(seen)
+    assert train == [*range(len(seen)), *range(valid[-1] + 1, train[-1] + 1)]
+
+    real_encode = stream_mod._encode_docs
+    calls: list[int] = []
+
+    def crash_once(tok: Any, batch: list[str]) -> Any:
+        calls.append(1)
+        if len(calls) == 5:
+            raise _Crash
+        return real_encode(tok, batch)
+
+    monkeypatch.setattr(stream_mod, "_encode_docs", crash_once)
+    with pytest.raises(_Crash):
+        prepare(f"hf:{path}", "bpe", vocab_size=300, cache_dir=tmp_path / "again", max_tokens=4000)
+    resumed = prepare(f"hf:{path}", "bpe", vocab_size=300, cache_dir=tmp_path / "again", max_tokens=4000)
+    np.testing.assert_array_equal(resumed.train, prepared.train)
+    np.testing.assert_array_equal(resumed.valid, prepared.valid)
+
+    # A stream that fits in the tokenizer's sample: its last twentieth of documents stays out of it.
+    monkeypatch.setattr(stream_mod, "_encode_docs", real_encode)
+    monkeypatch.setattr(stream_mod, "BPE_SAMPLE_CHARS", 10**7)
+    samples.clear()
+    small = prepare(f"hf:{path}", "bpe", vocab_size=300, cache_dir=tmp_path / "small", max_tokens=10**5)
+    seen = numbers(samples[0])
+    assert seen == list(range(475))
+    assert numbers(small.tokenizer.decode(small.valid)) == list(range(475, 500))
+    assert numbers(small.tokenizer.decode(small.train)) == seen

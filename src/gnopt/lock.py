@@ -12,12 +12,22 @@ it ends, so a lock left by a process killed with ``kill -9`` (or by a power cut)
 process takes it over. The holder deletes the file when it releases the lock; to make that deletion safe,
 a taker checks after locking that the path still names the file it locked (else it starts over).
 
+A streamed cache entry (:mod:`gnopt.data.stream`) is guarded the same way, by the lock file
+``.<entry>.lock`` beside it (its partial folder is deleted and recreated under that lock).
+
 Without ``fcntl`` (not POSIX) no lock is taken. ``flock`` works on local file systems and, on Linux, on
-NFS (emulated with POSIX locks) as well.
+NFS (emulated with POSIX byte-range locks, which the server's lock manager grants): processes on different
+hosts then exclude each other as well. It guarantees nothing where the mount has no lock manager
+(``nolock``, NFSv3 without ``lockd``/``statd``): the kernel then either grants every lock locally, so two
+hosts could write the same folder, or refuses it (``ENOLCK``, and ``EOPNOTSUPP`` on some FUSE file
+systems); a refusal is a :class:`~gnopt.errors.GnoptError` that says to use a local disk or enable locking.
+A lock held by a host that crashes is released once the server notices (NFSv4: its lease expires; NFSv3:
+the host's statd reports its reboot), not at once.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -37,6 +47,20 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".gnopt.lock"
+#: ``flock`` errors that mean "this file system does not lock", not "someone else holds the lock".
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def unsupported_lock_error(path: Path, exc: OSError) -> GnoptError:
+    """The one-line error for a file system that cannot lock ``path`` (NFS without a lock manager, FUSE)."""
+    code = errno.errorcode.get(exc.errno or 0, exc.errno)
+    return GnoptError(
+        f"cannot lock {path}: {exc.strerror or exc} ({code}); "
+        "its file system does not support file locks (NFS mounted without a lock manager, e.g. 'nolock' or "
+        "no lockd/statd, or a FUSE file system). gnopt locks the folders it writes so that two processes "
+        "never write the same one: put it on a local disk (choose another --out, or --cache-dir / "
+        "GNOPT_CACHE for the token cache), or mount the file system with locking enabled."
+    )
 
 
 def this_command() -> str:
@@ -92,13 +116,16 @@ class FolderLock:
 
     ``what`` names the folder in the refusal message ("the run folder", "the study folder"). Usable as a
     context manager. A process may hold several locks (a study's folder and its warm-up's folder), but not
-    two on the same folder.
+    two on the same folder. ``name`` is the lock file's name in ``folder`` and ``target`` the path the
+    refusal message names (default: ``folder``), for a lock on something that is not the folder itself.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], what: str = "the folder") -> None:
+    def __init__(self, folder: str | os.PathLike[str], what: str = "the folder", *, name: str = LOCK_NAME,
+                 target: str | os.PathLike[str] | None = None) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
         self.what = what
+        self.target = Path(target) if target is not None else self.folder
         self._fd: int | None = None
 
     @property
@@ -120,10 +147,15 @@ class FolderLock:
                 holder = self._read(fd)
                 os.close(fd)
                 raise GnoptError(
-                    f"{self.what} {self.folder} is in use by {describe_holder(holder)}: only one process may "
+                    f"{self.what} {self.target} is in use by {describe_holder(holder)}: only one process may "
                     f"write it at a time. Wait until that process ends, or stop it ({_stop_hint(holder)}: it "
                     "checkpoints and exits), then run this again."
                 ) from None
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in _NO_LOCKING:
+                    raise unsupported_lock_error(self.path, exc) from None
+                raise GnoptError(f"cannot lock {self.path}: {exc.strerror or exc}.") from None
             except BaseException:
                 os.close(fd)
                 raise

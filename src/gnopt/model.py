@@ -262,6 +262,15 @@ class LLaMA(nn.Module):
         Only the shape is checked (a vocabulary range check would cost a device sync on every call);
         out-of-range ids fail inside the embedding lookup.
         """
+        self.check_input(idx)
+        x = self.tok_emb(idx)
+        cos, sin = self.rope(idx.shape[1], x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    def check_input(self, idx: Tensor) -> None:
+        """A :class:`GnoptError` unless ``idx`` is a [batch, time] tensor of integer ids, time ≤ seq_len."""
         if idx.ndim != 2:
             raise GnoptError(f"model input must have shape [batch, time], got shape {tuple(idx.shape)}.")
         if idx.shape[1] > self.config.seq_len:
@@ -270,11 +279,6 @@ class LLaMA(nn.Module):
             )
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise GnoptError(f"model input must hold integer token ids, got dtype {idx.dtype}.")
-        x = self.tok_emb(idx)
-        cos, sin = self.rope(idx.shape[1], x.dtype)
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
 
     def forward_with_tangent(
         self, params: Mapping[str, Tensor], idx: Tensor, tangent: Mapping[str, Tensor]
@@ -285,6 +289,14 @@ class LLaMA(nn.Module):
         from gnopt.model_tangent import llama_forward_with_tangent
 
         return llama_forward_with_tangent(self, params, idx, tangent)
+
+    def forward_with_tangent_applies(self) -> bool:
+        """Whether :meth:`forward_with_tangent` gives the tangent of the function this model computes:
+        only for this exact class, built from its own submodule classes with their own ``forward``s (see
+        :func:`gnopt.model_tangent.mirrors`). Otherwise GN uses forward-mode AD of ``forward``."""
+        from gnopt.model_tangent import mirrors
+
+        return mirrors(self)
 
     def block_partition(self) -> list[list[str]]:
         """The paper's layerwise blocks as lists of parameter names.
@@ -302,6 +314,14 @@ class LLaMA(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+#: Each class's ``forward`` as defined here (or by torch), for :func:`gnopt.model_tangent.mirrors`: a class
+#: whose ``forward`` was replaced after import computes something the one-pass tangent does not mirror.
+ORIGINAL_FORWARDS: dict[type[nn.Module], Callable[..., object]] = {
+    cls: cls.forward
+    for cls in (LLaMA, Block, Attention, SwiGLU, RMSNorm, RotaryEmbedding, nn.Linear, nn.Embedding)
+}
 
 
 def count_parameters(model: LLaMA) -> dict[str, int]:

@@ -17,7 +17,16 @@ the detached primal activations — each layer's tangent rule written out:
   ``u_P = P ⊙ (u_S − rowsum(P ⊙ u_S))``, ``u_O = u_P v + P u_v``;
 * SwiGLU ``h = silu(a) ⊙ b``: ``u_h = silu'(a) u_a ⊙ b + silu(a) ⊙ u_b``.
 
-Parameters without a tangent cost nothing (layerwise blocks pass a tangent for one block only).
+Parameters without a tangent cost nothing (layerwise blocks pass a tangent for one block only). As with
+``functional_call``, a parameter missing from ``params`` (a frozen one: GN passes the trainable ones only)
+is the module's own tensor, with no tangent, and a tied parameter (e.g. ``lm_head.weight is
+tok_emb.weight``) takes its value and tangent under any of its names, so both of its uses carry them.
+
+The rules mirror the classes of :mod:`gnopt.model` as written: :func:`mirrors` tells whether a model is
+built from exactly those (no subclass, no swapped submodule, no ``forward`` replaced on a class or an
+instance, no bias added); for any other model GN takes forward-mode AD of its ``forward``. Each RMSNorm's
+``eps`` is read from the module (as its ``forward`` does), not from the config.
+
 ``tests/test_model_tangent.py`` checks it against forward-mode AD and dense float64 Jacobians.
 """
 
@@ -29,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from gnopt.model import LLaMA
@@ -52,6 +61,57 @@ def _linear(x: Tensor, w: Tensor, ux: Tan, dw: Tan) -> tuple[Tensor, Tan]:
         if dw is not None:
             uy = _add(uy, F.linear(x.detach(), dw))
     return y, uy
+
+
+def mirrors(model: nn.Module) -> bool:
+    """Whether ``model`` computes exactly the function the rules here differentiate: gnopt's ``LLaMA`` (not
+    a subclass) made of ``RotaryEmbedding``, bias-free ``nn.Linear``, a plain ``nn.Embedding``, ``Block``,
+    ``Attention``, ``SwiGLU`` and ``RMSNorm`` (numeric ``eps``) in their places, every class's ``forward``
+    the one it was defined with and no instance carrying a ``forward`` of its own. A cheap walk over the
+    modules; hooks are checked by :func:`gnopt.optim.linearize.has_tangent_forward`."""
+    from gnopt.model import (
+        ATTN_IMPLS,
+        ORIGINAL_FORWARDS,
+        Attention,
+        Block,
+        LLaMA,
+        RMSNorm,
+        RotaryEmbedding,
+        SwiGLU,
+    )
+
+    def exact(m: object, cls: type[nn.Module]) -> bool:
+        return type(m) is cls and isinstance(m, nn.Module) and "forward" not in vars(m)
+
+    def linear(m: object) -> bool:
+        return exact(m, nn.Linear) and isinstance(m.weight, nn.Parameter) and m.bias is None  # type: ignore[union-attr]
+
+    def norm(m: object) -> bool:
+        eps = getattr(m, "eps", None)
+        return (exact(m, RMSNorm) and isinstance(m.weight, nn.Parameter)  # type: ignore[union-attr]
+                and isinstance(eps, int | float) and not isinstance(eps, bool))
+
+    if any(cls.forward is not fwd for cls, fwd in ORIGINAL_FORWARDS.items()):
+        return False
+    if not (exact(model, LLaMA) and isinstance(model, LLaMA)):
+        return False
+    emb = model.tok_emb
+    if not (exact(emb, nn.Embedding) and isinstance(emb.weight, nn.Parameter) and emb.padding_idx is None
+            and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse):
+        return False
+    if not (exact(model.rope, RotaryEmbedding) and type(model.blocks) is nn.ModuleList
+            and norm(model.norm) and linear(model.lm_head)):
+        return False
+    for block in model.blocks:
+        if not (exact(block, Block) and norm(block.attn_norm) and norm(block.mlp_norm)):
+            return False
+        attn, mlp = block.attn, block.mlp
+        if not (exact(attn, Attention) and attn.attn_impl in ATTN_IMPLS
+                and all(linear(m) for m in (attn.wq, attn.wk, attn.wv, attn.wo))):
+            return False
+        if not (exact(mlp, SwiGLU) and all(linear(m) for m in (mlp.w1, mlp.w2, mlp.w3))):
+            return False
+    return True
 
 
 def _rms_norm(x: Tensor, w: Tensor, eps: float, ux: Tan, dw: Tan) -> tuple[Tensor, Tan]:
@@ -144,15 +204,40 @@ def _swiglu(i: int, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor],
     return _linear(hidden, params[p + "w2.weight"], uh, tangent.get(p + "w2.weight"))
 
 
+def _by_module_name(
+    model: LLaMA, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """θ and Δ under every name a module of ``model`` holds a parameter by (as ``functional_call`` with
+    ``tie_weights=True`` resolves them): a tied parameter gets the entry given under any of its names, a
+    parameter with no entry keeps the module's own tensor (and has no tangent)."""
+    aliases: dict[int, list[str]] = {}
+    own: dict[str, Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+        own[name] = p
+    values: dict[str, Tensor] = {}
+    tangents: dict[str, Tensor] = {}
+    for names in aliases.values():
+        value = next((params[n] for n in names if n in params), None)
+        tan = next((tangent[n] for n in names if n in tangent), None)
+        for n in names:
+            values[n] = params[n] if n in params else value if value is not None else own[n]
+            t = tangent[n] if n in tangent else tan
+            if t is not None:
+                tangents[n] = t
+    return values, tangents
+
+
 def llama_forward_with_tangent(
     model: LLaMA, params: Mapping[str, Tensor], idx: Tensor, tangent: Mapping[str, Tensor]
 ) -> tuple[Tensor, Tensor]:
     """``(f(θ; idx), J Δ)``: logits with a graph to the ``params`` that require grad, and their tangent.
 
-    ``params`` holds every parameter of ``model`` by name (θ); ``tangent`` holds Δ for any subset. The
-    tangent carries no graph.
+    ``params`` holds θ by name (a parameter it leaves out is the module's own); ``tangent`` holds Δ for
+    any subset. The tangent carries no graph.
     """
-    cfg = model.config
+    model.check_input(idx)
+    params, tangent = _by_module_name(model, params, tangent)
     emb = params["tok_emb.weight"]
     x = F.embedding(idx, emb)
     dE = tangent.get("tok_emb.weight")
@@ -160,14 +245,15 @@ def llama_forward_with_tangent(
     cos, sin = model.rope(idx.shape[1], x.dtype)
     for i in range(len(model.blocks)):
         p = f"blocks.{i}."
-        hn, uhn = _rms_norm(x, params[p + "attn_norm.weight"], cfg.norm_eps, ux,
+        block = model.blocks[i]
+        hn, uhn = _rms_norm(x, params[p + "attn_norm.weight"], block.attn_norm.eps, ux,
                             tangent.get(p + "attn_norm.weight"))
         y, uy = _attention(model, i, params, tangent, hn, uhn, cos, sin)
         x, ux = x + y, _add(ux, uy)
-        hn, uhn = _rms_norm(x, params[p + "mlp_norm.weight"], cfg.norm_eps, ux,
+        hn, uhn = _rms_norm(x, params[p + "mlp_norm.weight"], block.mlp_norm.eps, ux,
                             tangent.get(p + "mlp_norm.weight"))
         y, uy = _swiglu(i, params, tangent, hn, uhn)
         x, ux = x + y, _add(ux, uy)
-    hn, uhn = _rms_norm(x, params["norm.weight"], cfg.norm_eps, ux, tangent.get("norm.weight"))
+    hn, uhn = _rms_norm(x, params["norm.weight"], model.norm.eps, ux, tangent.get("norm.weight"))
     z, uz = _linear(hn, params["lm_head.weight"], uhn, tangent.get("lm_head.weight"))
     return z, uz if uz is not None else torch.zeros_like(z, requires_grad=False)

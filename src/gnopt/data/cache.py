@@ -3,8 +3,9 @@
 ``prepare(data_spec, tokenizer, vocab_size, cache_dir)`` resolves the spec (see :mod:`gnopt.data.sources`),
 derives a cache key from the corpus identity (file paths, sizes and modification times; Python version
 for the default corpus; the dataset name for the hub), the tokenizer kind (a pretrained tokenizer: the
-SHA-256 of its JSON), the vocabulary size, the token budget of a streamed entry, the
-validation rule and :data:`FORMAT_VERSION`, and then either
+SHA-256 of its JSON), the vocabulary size, the token budget of a streamed entry (and, for a streamed BPE
+without explicit validation data, that its BPE sees training documents only), the validation rule and
+:data:`FORMAT_VERSION`, and then either
 
 - **hits**: memory-maps ``<cache>/data/<name>-<key>/{train,valid}.bin`` and loads ``tokenizer.json``
   without reading or tokenizing any text, or
@@ -123,6 +124,10 @@ def cache_key(
         payload["tokenizer_sha256"] = tokenizer_sha256
     if max_tokens is not None:
         payload["max_tokens"] = max_tokens
+        if tokenizer == "bpe" and valid is None:
+            # a streamed BPE is trained on training documents only (a validation held out of the stream
+            # follows its sample): entries built before, whose BPE had seen that validation text, miss
+            payload["bpe_sample"] = "training documents"
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:20]
 
 

@@ -7,7 +7,10 @@ appends the ids to the same uint16 shards as the in-memory path, until ``max_tok
 
 Validation: the dataset's own validation split (``validation``/``valid``/``val``, when no split is named)
 gives :func:`valid_budget` tokens; without one, the first documents of the training stream are held out
-for it (and not trained on). An explicit ``valid_data`` is read and tokenized whole instead.
+for it (and not trained on). A gnopt BPE is trained on the stream's first ~10M characters; without a
+validation split, those documents are training documents (the first ones) and the validation documents are
+held out right after them, so the tokenizer never sees validation text. An explicit ``valid_data`` is read
+and tokenized whole instead.
 
 Resumable: the work happens in ``<cache>/data/.<entry>.partial/``, which holds the tokenizer, the growing
 ``valid.bin``/``train.bin`` and ``progress.json`` (token counts and the datasets' own stream positions,
@@ -15,12 +18,14 @@ Resumable: the work happens in ``<cache>/data/.<entry>.partial/``, which holds t
 fsynced first, then ``progress.json`` replaced atomically); a rerun of the same command truncates the
 shards to the last commit and continues the streams from there, so at most one commit's work is redone.
 When the budget is reached the shard headers are written and the folder is renamed into place, exactly
-like an in-memory entry. A lock file keeps two processes from building the same entry at once.
+like an in-memory entry. The lock file ``<cache>/data/.<entry>.lock`` (a :class:`~gnopt.lock.FolderLock`)
+keeps two processes from building the same entry at once: it is taken before the partial folder is read,
+deleted or written, and released after the rename; a second process is refused with an error naming the
+first (see :mod:`gnopt.lock` for what the lock guarantees on NFS).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -33,9 +38,10 @@ from typing import Any
 import numpy as np
 
 from gnopt.data.shards import ShardAppender
-from gnopt.data.sources import TextSource, open_hf_stream, row_text_getter
+from gnopt.data.sources import StreamedDataset, TextSource, open_hf_stream, row_text_getter
 from gnopt.data.tokenizer import BPE_SAMPLE_CHARS, BPETokenizer, Tokenizer, load_tokenizer, make_tokenizer
 from gnopt.errors import GnoptError
+from gnopt.lock import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +123,30 @@ def prepare_streamed(
     t0 = time.perf_counter()
     stream = open_hf_stream(data_spec)  # before anything is written: an unreachable dataset writes nothing
     partial = folder.with_name(f".{folder.name}.partial")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # The partial folder is read, deleted, written and renamed only under this lock.
+    with FolderLock(folder.parent, "the streamed cache entry", name=f".{folder.name}.lock", target=partial):
+        if folder.is_dir():  # another process published it after our caller looked
+            return
+        _prepare_locked(data_spec, tokenizer, vocab_size, pretrained, max_tokens, folder, key, valid_src,
+                        meta_extra, stream, partial, t0)
+
+
+def _prepare_locked(
+    data_spec: str,
+    tokenizer: str,
+    vocab_size: int,
+    pretrained: Tokenizer | None,
+    max_tokens: int,
+    folder: Path,
+    key: str,
+    valid_src: TextSource | None,
+    meta_extra: dict[str, Any],
+    stream: StreamedDataset,
+    partial: Path,
+    t0: float,
+) -> None:
+    """:func:`prepare_streamed` once it holds the entry's lock."""
     vbudget = valid_budget(max_tokens)
     own_valid = valid_src is None and stream.valid is not None
     held_out = valid_src is None and stream.valid is None
@@ -130,19 +160,31 @@ def prepare_streamed(
         if not progress or progress.get("key") != key:
             progress = None
     tok: Tokenizer
+    head = 0  # held out after a BPE's sample: the stream's first `head` documents are training documents
     if progress is None:
         if pretrained is not None:
             tok = pretrained
         elif tokenizer == "bpe":  # trained on the first ~10M characters of the training stream
             sample: list[str] = []
             total = 0
+            exhausted = True
             for batch in _rows(open_hf_stream(data_spec).train, data_spec):
                 sample.extend(batch)
                 total += sum(len(d) for d in batch)
                 if total >= BPE_SAMPLE_CHARS:
+                    exhausted = False
                     break
             if not sample:
                 raise GnoptError(f"{stream.description} holds no text.")
+            if held_out:
+                # The validation documents are held out *after* the sample, whose documents are trained
+                # on: the tokenizer never sees validation text. A stream that fits in the sample keeps its
+                # last twentieth of documents out of it.
+                if exhausted:
+                    sample = sample[: len(sample) - max(1, len(sample) // 20)]
+                if not sample:
+                    raise GnoptError(f"{stream.description} is too small to hold out validation documents.")
+                head = len(sample)
             tok = make_tokenizer("bpe", "\n".join(sample), vocab_size)
         else:
             tok = make_tokenizer(tokenizer)
@@ -153,6 +195,8 @@ def prepare_streamed(
         progress = {"key": key, "phase": "valid", "valid_tokens": 0,
                     "train_tokens": 0, "train_state": None, "valid_state": None, "documents": 0,
                     "train_bytes": 0, "valid_bytes": 0}
+        if head:
+            progress["train_head_docs"] = head
         if valid_src is not None:
             loaded = valid_src.read()
             ids = tok.encode_corpus(loaded.text)
@@ -169,13 +213,8 @@ def prepare_streamed(
                              pretrained_source=getattr(pretrained, "source", None))
         log.info("data: resuming %s at %d training + %d validation tokens", partial,
                  progress["train_tokens"], progress["valid_tokens"])
+        head = int(progress.get("train_head_docs", 0))
 
-    lock = (partial / "lock").open("w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise GnoptError(f"{partial} is being prepared by another process; wait for it to finish.") from None
     train_app = ShardAppender(partial / "train.bin", progress["train_tokens"])
     valid_app = ShardAppender(partial / "valid.bin", progress["valid_tokens"])
     resumed_at = progress["train_tokens"] + progress["valid_tokens"]
@@ -205,11 +244,16 @@ def prepare_streamed(
             progress["phase"] = "train"
             commit()
         last = train_app.count + valid_app.count
-        done = train_app.count >= max_tokens
+
+        def full() -> bool:  # the training budget is reached and the validation documents are held out
+            return train_app.count >= max_tokens and progress["phase"] != "valid"
+
+        done = full()
         if not done:
             for batch in _rows(stream.train, data_spec):
-                for doc, ids in _encode_docs(tok, batch):
-                    if progress["phase"] == "valid":  # held out: the stream's first documents
+                for j, (doc, ids) in enumerate(_encode_docs(tok, batch)):
+                    # held out: the stream's first documents (after a BPE's sample, which is trained on)
+                    if progress["phase"] == "valid" and progress["documents"] + j >= head:
                         valid_app.append(ids)
                         progress["valid_bytes"] += _nbytes(doc, len(ids), len(ids))
                         if valid_app.count >= vbudget:
@@ -218,10 +262,10 @@ def prepare_streamed(
                     kept = ids[: max_tokens - train_app.count]
                     train_app.append(kept)
                     progress["train_bytes"] += _nbytes(doc, len(kept), len(ids))
-                    if train_app.count >= max_tokens:
+                    if full():
                         break
                 progress["documents"] += len(batch)  # (the last batch may be used in part)
-                if train_app.count >= max_tokens:
+                if full():
                     done = True
                     break
                 if train_app.count + valid_app.count - last >= COMMIT_TOKENS:
@@ -238,12 +282,13 @@ def prepare_streamed(
     finally:
         train_app.close()
         valid_app.close()
-        lock.close()
 
     seconds = time.perf_counter() - t0
     new_tokens = train_app.count + valid_app.count - resumed_at
     if own_valid:
         valid_rule = f"validation from its own {stream.valid_split!r} split"
+    elif held_out and head:
+        valid_rule = "validation = the stream's first documents after the tokenizer's sample, held out"
     elif held_out:
         valid_rule = "validation = the stream's first documents, held out"
     else:
@@ -267,7 +312,6 @@ def prepare_streamed(
         "tokens_per_second": new_tokens / seconds if seconds > 0 else None,
     }
     (partial / PROGRESS).unlink()
-    (partial / "lock").unlink(missing_ok=True)
     (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     try:
         os.rename(partial, folder)

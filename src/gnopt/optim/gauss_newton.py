@@ -182,7 +182,8 @@ class GaussNewton:
             grid search's floor, see the model line search) nor keeps GN's steps to target at 64K
             (docs/results/cpu-cost.md).
         damping: Levenberg-Marquardt λ: minimizes the model + λ‖Δ‖²/2 (CG solves (G + λI) d = −g).
-        adapt_damping: adjust λ from ρ = actual/predicted decrease (×2/3 if ρ > 3/4, ×3/2 if ρ < 1/4).
+        adapt_damping: adjust λ from ρ = actual/predicted decrease (×2/3 if ρ > 3/4, ×3/2 if ρ < 1/4); a
+            failed step (rejected, or α = 0: no step size lowered the loss) counts as ρ < 1/4.
         prox: proximal weight μ: adds μ‖θ̂ − θ_t‖²/2 to the inner objective (fixed).
         ema_decay: keep an exponential moving average of the outer iterates (``None``: off).
         inner_clip: clip each block's inner gradient to this global norm (``None``/0: off).
@@ -651,6 +652,8 @@ class GaussNewton:
             for blk in self._blocks:
                 self._reset_block(blk, fresh_optimizer=True)
             rec.reset_inner = True
+            if self.adapt_damping:  # a failed step counts as the worst ρ (see below)
+                self.damping *= 1.5
             return
         if alpha != 0.0:
             for n, p in self._params.items():
@@ -666,7 +669,11 @@ class GaussNewton:
             for blk in self._blocks:
                 self._reset_block(blk, fresh_optimizer=False)
             rec.reset_inner = True
-        if self.adapt_damping and rec.rho is not None:
+        if self.adapt_damping and alpha == 0.0:
+            # No step size lowered the loss: ρ is 0/0, undefined. As in Levenberg-Marquardt a failed step
+            # counts as the worst ρ: λ rises (else a λ too small would never move).
+            self.damping *= 1.5
+        elif self.adapt_damping and rec.rho is not None:
             if rec.rho > 0.75:
                 self.damping *= 2.0 / 3.0
             elif rec.rho < 0.25:

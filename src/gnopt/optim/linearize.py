@@ -184,15 +184,22 @@ def linearized_pass(
 
 def has_tangent_forward(model: nn.Module) -> bool:
     """Whether ``model`` has a one-pass ``forward_with_tangent(params, inputs, tangent) -> (z, J Δ)`` that
-    may be used: it bypasses the modules' ``forward``, so a model with forward hooks (on any submodule, or
-    global ones) takes the generic path, which runs them."""
+    may be used. It bypasses the modules' ``forward``, so it is used only when the model says it computes
+    the tangent of its own ``forward`` (``forward_with_tangent_applies()``, when the model defines it: gnopt's
+    LLaMA checks its classes and submodules) and no hook (forward or backward, on any submodule, or
+    global) would run on the generic path and not on it."""
     if not callable(getattr(model, "forward_with_tangent", None)):
+        return False
+    applies = getattr(model, "forward_with_tangent_applies", None)
+    if callable(applies) and not applies():
         return False
     from torch.nn.modules import module as _module
 
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+            or _module._global_backward_pre_hooks):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in model.modules())
 
 
 def forward_with_graph_and_tangent(

@@ -87,12 +87,18 @@ class Partition:
 
     @classmethod
     def transformer(cls, model: nn.Module) -> Partition:
-        """The paper's blocks: embedding; each layer (final norm with the last); head."""
+        """The paper's blocks: embedding; each layer (final norm with the last); head (trainable parameters
+        only: a block whose parameters are all frozen or tied to another block's is left out)."""
         own = getattr(model, "block_partition", None)
         if callable(own):
+            # Frozen parameters (and the second name of a tied one) are not trainable: they leave their
+            # block, and a block left empty is dropped (the others keep their labels).
+            trainable = set(trainable_names(model))
             blocks = [tuple(b) for b in own()]
-            labels = _transformer_labels(len(blocks))
-            return cls(tuple(blocks), labels).validate(model)
+            named = [(label, tuple(n for n in b if n in trainable))
+                     for label, b in zip(_transformer_labels(len(blocks)), blocks, strict=True)]
+            kept = [(label, b) for label, b in named if b]
+            return cls(tuple(b for _, b in kept), tuple(label for label, _ in kept)).validate(model)
         layer_re = re.compile(r"(^|\.)(blocks|layers|h|layer)\.(\d+)\.")
         pre: list[str] = []
         layers: dict[int, list[str]] = {}

@@ -17,10 +17,11 @@ not part of any run's configuration, so the target may change without invalidati
 
 Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGHUP ask the study to stop. Every run in flight finishes its
 current step and writes a checkpoint (with ``--jobs`` > 1 the study process forwards the request to its
-workers), no new run starts, the study says which runs stopped at which step and the command that
-continues it (the same ``gnopt study`` command), and exits with status 0 once every worker has exited. The
-same signal again stops at once (workers are killed; their last checkpoints stay valid; exit 130). A
-worker never outlives the study: one whose study process died (``kill -9``) notices within
+workers, which ignore the signals themselves, also while they start up), no new run starts, the study says
+which runs stopped at which step and the command that continues it (the same ``gnopt study`` command), and
+exits with status 0 once every worker has exited. The same signal again stops at once (workers are killed;
+their last checkpoints stay valid; exit 130). A worker never outlives the study: one whose study process
+died (``kill -9``) notices within
 :data:`WORKER_POLL_S` seconds, stops its run after the current step with a checkpoint and exits (at the
 latest :data:`ORPHAN_GRACE_S` seconds later).
 
@@ -50,7 +51,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -260,6 +261,8 @@ def _worker_init(stop_event: Any, study_pid: int) -> None:
     # process group), and restores this afterwards.
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked while this worker started (_stop_signals_held); a
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # signal pending since then is dropped now
     # tqdm's default lock is a multiprocessing one (a named semaphore): a worker killed at once (a second
     # signal to the study) could not release it, and Python's resource tracker would warn. Workers are quiet.
     from tqdm import tqdm
@@ -267,6 +270,27 @@ def _worker_init(stop_event: Any, study_pid: int) -> None:
     tqdm.set_lock(threading.RLock())
     _WORKER = _Worker(stop_event, study_pid)
     threading.Thread(target=_WORKER.watch, name="gnopt-study-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Block the stop signals in this thread while it starts ``--jobs`` workers (``pool.submit``).
+
+    A new process inherits the signal mask, so a Ctrl-C that reaches a worker while it is still starting up,
+    before :func:`_worker_init` ignores it, waits (and is then dropped) instead of killing the worker, which
+    would break the pool. This process still gets the signal: another thread takes it, or it is delivered
+    when the mask is restored.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    from gnopt.train import STOP_SIGNALS
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _execute_in_worker(cfg_dict: dict[str, Any], action: str) -> dict[str, Any]:
@@ -647,7 +671,8 @@ class StudyRunner:
                         self.say(f"run {idx}/{n} {r.label}: already at the target {self.target}, skipped")
                         continue
                     self._start_line(idx, n, r, a, [q[1] for q in queue])
-                    fut = pool.submit(_execute_in_worker, self._config(r, threads, True), a)
+                    with _stop_signals_held():  # the pool may start a worker here
+                        fut = pool.submit(_execute_in_worker, self._config(r, threads, True), a)
                     running[fut] = (idx, r)
                 if not running:
                     break
