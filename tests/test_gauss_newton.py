@@ -838,3 +838,24 @@ def test_a_non_finite_direction_is_rejected_without_touching_theta() -> None:
     assert rec.rejected and rec.alpha is None and rec.ls_losses == []
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert torch.isfinite(gn._blocks[0].theta_hat["weight"]).all()  # the inner solver restarts from θ_t
+
+
+def test_damping_settings_object_equals_the_keyword_form() -> None:
+    """``damping=Damping(λ, adapt, μ)`` is the keyword form ``damping=λ, adapt_damping=..., prox=μ``."""
+    from gnopt.optim import Damping
+
+    runs = []
+    forms = (dict(damping=0.5, adapt_damping=True, prox=0.1), dict(damping=Damping(0.5, True, 0.1)))
+    for kw in forms:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        gn = GaussNewton(model, MSELoss(), inner_steps=2, inner=sgd(0.1), **kw)  # type: ignore[arg-type]
+        gen = torch.Generator().manual_seed(1)
+        batches = iter([(x, torch.sin(x[:, :2])) for x in torch.randn(8, 16, 4, generator=gen)])
+        recs = [gn.step(batches) for _ in range(2)]
+        runs.append(([(r.loss, r.alpha, r.damping) for r in recs], theta_flat(model), gn.damping))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1]) and runs[0][2] == runs[1][2]
+    with pytest.raises(GnoptError, match="damping and prox must be >= 0"):
+        Damping(-1.0)
+    with pytest.raises(GnoptError, match="adapt_damping needs a positive initial damping"):
+        Damping(0.0, adapt=True)

@@ -19,21 +19,26 @@ from gnopt.torch_version import check as _check_torch
 _check_torch()  # one clear message on a torch without the APIs used below (hence imports after code)
 
 # ruff: noqa: E402
-from gnopt.optim.gauss_newton import MODES, GaussNewton, GNStepRecord, conjugate_gradient
-from gnopt.optim.inner import CG, InnerOptimizer, MuonAdamW, OptimizerChain, TorchOptimizer
+from gnopt.optim.cg import conjugate_gradient
+from gnopt.optim.damping import Damping
+from gnopt.optim.gauss_newton import MODES, GaussNewton
+from gnopt.optim.inner import CG, InnerOptimizer, InnerSolver, MuonAdamW, OptimizerChain, TorchOptimizer
 from gnopt.optim.line_search import LineSearch
 from gnopt.optim.linearize import jvp, linearized_pass, model_autocast
 from gnopt.optim.losses import AutogradLoss, LocalLoss, MSELoss, OutputLoss, SoftmaxCrossEntropy
 from gnopt.optim.partition import Partition
+from gnopt.optim.record import GNStepRecord
 from gnopt.optim.schedules import InnerSchedule, lr_multiplier
 
 __all__ = [
     "CG",
     "MODES",
     "AutogradLoss",
+    "Damping",
     "GNStepRecord",
     "GaussNewton",
     "InnerOptimizer",
+    "InnerSolver",
     "InnerSchedule",
     "LineSearch",
     "LocalLoss",

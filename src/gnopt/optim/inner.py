@@ -1,6 +1,8 @@
 """Inner solvers of the Gauss-Newton subproblem.
 
-An inner solver minimizes the GN model of the loss around θ_t. Two families:
+An inner solver minimizes the GN model of the loss around θ_t. Every one implements :class:`InnerSolver`,
+the one interface the outer step uses (:meth:`InnerSolver.solve` on the step's
+:class:`~gnopt.optim.problem.Problem`). Two families:
 
 * first-order optimizers stepping the inner iterate θ̂ with the inner gradient Jᵀ(g_z + H_z JΔ) on a fresh
   micro-batch every step (the paper's scheme): :class:`MuonAdamW` (the paper's default: Muon on hidden 2-D
@@ -17,12 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from gnopt.errors import GnoptError
+from gnopt.optim.cg import solve_cg
+from gnopt.optim.inner_loop import run_inner_loop
+from gnopt.optim.problem import Problem
+from gnopt.optim.record import GNStepRecord
 from gnopt.optim.routing import HiddenPredicate, default_is_hidden_matrix, split_hidden_matrices
 
 NamedParams = Sequence[tuple[str, Tensor]]
@@ -67,11 +73,39 @@ def _record_peak_lr(opt: torch.optim.Optimizer | OptimizerChain) -> None:
         g.setdefault("peak_lr", float(g["lr"]))
 
 
-class InnerOptimizer:
-    """Builds the first-order optimizer that steps the inner iterate of one block."""
+class InnerSolver:
+    """What the outer step asks of an inner solver.
+
+    * ``fixed_batches``: the solver needs its N micro-batches drawn before it starts (``Problem.kept``);
+    * :meth:`check_mode`: refuse a GN mode the solver cannot minimize;
+    * :meth:`build`: the state that steps one block's inner iterate (a ``torch.optim``-style optimizer),
+      built afresh whenever the block restarts; ``None`` for a stateless solver;
+    * :meth:`solve`: minimize the subproblem, leaving each block's solution in ``Block.theta_hat``, and
+      fill the step record (loss, pass counts, ...).
+    """
+
+    fixed_batches: ClassVar[bool] = False
+
+    def check_mode(self, mode: str) -> None:
+        """Raise :class:`GnoptError` if this solver cannot minimize the model of ``mode``."""
+
+    def build(self, named_params: NamedParams, model: nn.Module
+              ) -> torch.optim.Optimizer | OptimizerChain | None:
+        return None
+
+    def solve(self, problem: Problem, rec: GNStepRecord) -> None:
+        raise NotImplementedError
+
+
+class InnerOptimizer(InnerSolver):
+    """A first-order inner solver: builds the optimizer that steps the inner iterate of one block, and
+    runs the inner loop (:func:`gnopt.optim.inner_loop.run_inner_loop`) with it."""
 
     def build(self, named_params: NamedParams, model: nn.Module) -> torch.optim.Optimizer | OptimizerChain:
         raise NotImplementedError
+
+    def solve(self, problem: Problem, rec: GNStepRecord) -> None:
+        run_inner_loop(problem, rec)
 
 
 @dataclass(frozen=True)
@@ -145,13 +179,16 @@ class TorchOptimizer(InnerOptimizer):
 
 
 @dataclass(frozen=True)
-class CG:
-    """Hessian-free inner solver: conjugate gradients on (G + λI) d = −g over a fixed set of micro-batches.
+class CG(InnerSolver):
+    """Hessian-free inner solver: conjugate gradients on (G + λI) d = −g over a fixed set of micro-batches
+    (:func:`gnopt.optim.cg.solve_cg`).
 
     Args:
         tol: stop when ‖residual‖ ≤ tol · ‖g‖.
         max_iters: at most this many CG iterations (each costs one GN-vector product per micro-batch).
     """
+
+    fixed_batches: ClassVar[bool] = True
 
     tol: float = 1e-4
     max_iters: int = 50
@@ -159,3 +196,10 @@ class CG:
     def __post_init__(self) -> None:
         if self.tol <= 0 or self.max_iters < 1:
             raise GnoptError(f"CG needs tol > 0 and max_iters >= 1, got {self.tol}, {self.max_iters}")
+
+    def check_mode(self, mode: str) -> None:
+        if mode != "gn":
+            raise GnoptError("the CG inner solver solves the quadratic GN model: use mode='gn'")
+
+    def solve(self, problem: Problem, rec: GNStepRecord) -> None:
+        solve_cg(problem, self.tol, self.max_iters, rec)
