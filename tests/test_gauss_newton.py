@@ -859,3 +859,75 @@ def test_damping_settings_object_equals_the_keyword_form() -> None:
         Damping(-1.0)
     with pytest.raises(GnoptError, match="adapt_damping needs a positive initial damping"):
         Damping(0.0, adapt=True)
+
+
+# ======================================================================== 8. torch.optim habits
+def _mlp_gn(**kw) -> tuple[GaussNewton, nn.Module]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    return GaussNewton(model, MSELoss(), inner_steps=2, **kw), model
+
+
+def _regression_batches(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randn(16, 4, generator=gen)
+        yield x, torch.sin(x[:, :2])
+
+
+def test_gauss_newton_is_a_torch_optimizer_whose_groups_show_the_inner_lrs() -> None:
+    gn, model = _mlp_gn(inner=MuonAdamW(lr=0.02, adam_lr=1e-3))
+    assert isinstance(gn, torch.optim.Optimizer)
+    assert [(g["block"], g["lr"]) for g in gn.param_groups] == [("all", 0.02), ("all", 1e-3)]
+    assert {id(p) for g in gn.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    layerwise, _ = _mlp_gn(inner=sgd(0.1), partition=Partition.from_callable(model, lambda n: n[0]))
+    assert [(g["block"], g["lr"]) for g in layerwise.param_groups] == [("0", 0.1), ("2", 0.1)]
+    cg, _ = _mlp_gn(inner=CG())
+    assert [set(g) for g in cg.param_groups] == [{"params", "block"}]  # CG has no learning rate
+
+
+def test_lambda_lr_drives_the_inner_learning_rates_over_outer_steps() -> None:
+    """LambdaLR halves the groups' lr every outer step: the inner optimizer steps with exactly that lr
+    (times the inner schedule, constant here), and the run equals one whose inner lr is set by hand."""
+    gn, model = _mlp_gn(inner=sgd(0.2))
+    sched = torch.optim.lr_scheduler.LambdaLR(gn, lambda t: 0.5 ** t)
+    batches = _regression_batches(3)
+    for t in range(3):
+        assert gn.param_groups[0]["lr"] == 0.2 * 0.5 ** t
+        gn.step(batches)
+        assert gn._blocks[0].optimizer.param_groups[0]["lr"] == 0.2 * 0.5 ** t
+        sched.step()
+    by_hand, model2 = _mlp_gn(inner=sgd(0.2))
+    batches = _regression_batches(3)
+    for t in range(3):
+        by_hand.param_groups[0]["lr"] = 0.2 * 0.5 ** t
+        by_hand.step(batches)
+    assert torch.equal(theta_flat(model), theta_flat(model2))
+
+
+def test_one_cycle_lr_runs_over_outer_steps() -> None:
+    gn, _ = _mlp_gn(inner=MuonAdamW(lr=0.02, adam_lr=1e-3))
+    sched = torch.optim.lr_scheduler.OneCycleLR(gn, max_lr=[0.02, 1e-3], total_steps=4, cycle_momentum=False)
+    batches = _regression_batches(4)
+    seen = []
+    for _ in range(4):
+        seen.append([g["lr"] for g in gn.param_groups])
+        gn.step(batches)
+        sched.step()
+    assert seen[0][0] < seen[1][0] and seen[-1][0] < seen[1][0]  # warms up, then anneals
+
+
+def test_state_dict_round_trips_the_groups_learning_rates() -> None:
+    gn, _ = _mlp_gn(inner=MuonAdamW(lr=0.02, adam_lr=1e-3))
+    torch.optim.lr_scheduler.LambdaLR(gn, lambda t: 0.25)  # sets lr = 0.25 × initial at construction
+    gn.step(_regression_batches(5))
+    raw = io.BytesIO()
+    torch.save(gn.state_dict(), raw)
+    fresh, _ = _mlp_gn(inner=MuonAdamW(lr=0.02, adam_lr=1e-3))
+    fresh.load_state_dict(torch.load(io.BytesIO(raw.getvalue()), weights_only=True))
+    assert [g["lr"] for g in fresh.param_groups] == [0.005, 0.00025]
+    old = gn.state_dict()
+    del old["lrs"]  # a state saved before the groups existed keeps the configured learning rates
+    fresh, _ = _mlp_gn(inner=MuonAdamW(lr=0.02, adam_lr=1e-3))
+    fresh.load_state_dict(old)
+    assert [g["lr"] for g in fresh.param_groups] == [0.02, 1e-3]

@@ -64,8 +64,14 @@ __all__ = ["MODES", "GNStepRecord", "GaussNewton", "conjugate_gradient"]
 MODES: tuple[str, ...] = ("gn", "prox_linear")
 
 
-class GaussNewton:
+class GaussNewton(torch.optim.Optimizer):
     """Gauss-Newton optimizer bound to a model and an output-space loss.
+
+    A ``torch.optim.Optimizer``: its ``param_groups`` are the inner optimizers' groups of every block
+    (``"lr"``: the group's peak inner learning rate, ``"block"``: the block's label), so a
+    ``torch.optim.lr_scheduler`` scheduler stepped once per outer step drives the inner learning rates
+    (the inner schedule ``schedule`` multiplies them within the step). CG has no learning rate: its groups
+    (one per block) carry none. :meth:`step` takes the micro-batch iterator instead of a closure.
 
     Args:
         model: any ``nn.Module``; ``model(inputs)`` gives the outputs the loss consumes. Its parameters are
@@ -164,6 +170,21 @@ class GaussNewton:
             self._reset_block(blk, fresh_optimizer=True)
         self._t = 0
         self._ema: Dict | None = None
+        super().__init__(self._outer_groups(), defaults={})
+
+    def _outer_groups(self) -> list[dict[str, Any]]:
+        """One group per inner-optimizer group of every block (per block for a solver without one); each
+        block's inner loop reads its groups' ``"lr"`` (``Block.groups``)."""
+        groups: list[dict[str, Any]] = []
+        for blk in self._blocks:
+            if blk.optimizer is None:
+                blk.groups = [{"params": [self._params[n] for n in blk.names], "block": blk.label}]
+            else:
+                name_of = {id(blk.theta_hat[n]): n for n in blk.names}
+                blk.groups = [{"params": [self._params[name_of[id(t)]] for t in g["params"]],
+                               "lr": g["peak_lr"], "block": blk.label} for g in blk.optimizer.param_groups]
+            groups += blk.groups
+        return groups
 
     @property
     def adapt_damping(self) -> bool:
@@ -174,7 +195,7 @@ class GaussNewton:
         return self.regularization.prox
 
     # ------------------------------------------------------------------ the outer step
-    def step(self, batches: Iterator[Batch]) -> GNStepRecord:
+    def step(self, batches: Iterator[Batch]) -> GNStepRecord:  # type: ignore[override]
         """One outer step (under ``autocast_dtype``): N inner micro-batches, then the line search (N more
         by default, pulled from ``batches``)."""
         with model_autocast(self.autocast_dtype):
@@ -286,8 +307,9 @@ class GaussNewton:
                     self._params[n].copy_(b)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: θ_t, θ̂, inner optimizer states, t, λ, EMA.
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Everything needed to continue exactly: θ_t, θ̂, inner optimizer states, t, λ, EMA, the groups'
+        learning rates.
 
         The micro-batches (inner and line search) come from the caller's iterator: its position is the
         caller's to save (gnopt's harness saves the batcher state next to this).
@@ -308,10 +330,11 @@ class GaussNewton:
                 for blk in self._blocks
             ],
             "ema": None if self._ema is None else {n: e.clone() for n, e in self._ema.items()},
+            "lrs": [g["lr"] for g in self.param_groups if "lr" in g],  # (absent in older states)
         }
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
         if state.get("version") != 1:
             raise GnoptError(f"unsupported GaussNewton state version {state.get('version')!r}")
         labels = [b["label"] for b in state["blocks"]]
@@ -331,7 +354,8 @@ class GaussNewton:
         self._t = int(state["t"])
         self.damping = float(state["damping"])
         self._ema = None if state["ema"] is None else {n: e.clone() for n, e in state["ema"].items()}
-
+        for group, lr in zip(self.param_groups, state.get("lrs", ()), strict=False):
+            group["lr"] = lr
 
     def _theta(self) -> Dict:
         return {n: self._params[n].detach() for blk in self._blocks for n in blk.names}

@@ -162,8 +162,8 @@ def _inner_step(
     for n in blk.names:
         blk.theta_hat[n].grad = grads[n].mul_(scale) if scale != 1.0 else grads[n]
     assert blk.optimizer is not None
-    for g in blk.optimizer.param_groups:
-        g["lr"] = g["peak_lr"] * factor
+    for g, outer in zip(blk.optimizer.param_groups, blk.groups, strict=True):
+        g["lr"] = outer["lr"] * factor
     blk.optimizer.step()
     blk.optimizer.zero_grad(set_to_none=True)
     blk.at_origin = False

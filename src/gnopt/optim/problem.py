@@ -31,6 +31,8 @@ class Block:
         self.names = names
         self.theta_hat: Dict = {}
         self.optimizer: Any = None  # a torch.optim-style optimizer (first-order inner solvers), else None
+        #: GaussNewton's param groups of this block, one per ``optimizer`` group: their ``"lr"`` is the peak
+        self.groups: list[dict[str, Any]] = []
         self.at_origin = True  # θ̂ == θ_t exactly: the tangent is zero and can be skipped
 
 
