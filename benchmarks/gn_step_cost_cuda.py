@@ -37,7 +37,7 @@ from gn_step_cost import adamw_step, batches, make_gn, products_step
 
 from gnopt.model import build_model
 from gnopt.optim import SoftmaxCrossEntropy, model_autocast
-from gnopt.precision import AUTOCAST_DTYPES, bf16_supported
+from gnopt.precision import PRECISIONS, autocast_dtype, bf16_supported
 
 #: ``gn_default``: the library's defaults (model line search on ⌈N/8⌉ micro-batches); the others keep the
 #: paper's line search (``ls_range`` step sizes on N fresh micro-batches), as in results measured before.
@@ -59,7 +59,7 @@ def _on_device(it: Any, device: torch.device) -> Any:
 
 def measure(variant: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     torch.manual_seed(0)
-    dtype = AUTOCAST_DTYPES[args.precision]
+    dtype = autocast_dtype(args.precision)
     model = build_model(args.preset, vocab_size=args.vocab, device=device)
     seq = model.config.seq_len
     it = _on_device(batches(args.vocab, args.micro_batch, seq, 0), device)
@@ -99,7 +99,7 @@ def main() -> int:
     p.add_argument("--ls-range", type=int, default=5)
     p.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls")
-    p.add_argument("--precision", choices=tuple(AUTOCAST_DTYPES), default="fp32",
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="fp32, or bf16-mixed (bf16 autocast for the model's passes, float32 weights/states)")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args()
@@ -107,7 +107,7 @@ def main() -> int:
         print("gn_step_cost_cuda: error: no CUDA device (use benchmarks/gn_step_cost.py on a CPU)",
               file=sys.stderr)
         return 2
-    if AUTOCAST_DTYPES[args.precision] is not None and not bf16_supported(torch.device("cuda")):
+    if autocast_dtype(args.precision) is not None and not bf16_supported(torch.device("cuda")):
         print(f"gn_step_cost_cuda: error: --precision {args.precision} needs a bf16 GPU (Ampere or newer)",
               file=sys.stderr)
         return 2

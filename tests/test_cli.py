@@ -269,3 +269,25 @@ def test_python_dash_m_reports_errors_without_traceback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("gnopt: error: unknown optimizer 'nope'") and "Traceback" not in proc.stderr
+
+
+def test_config_takes_the_library_option_lists_and_imports_without_torch() -> None:
+    """One home for every option: the config's lists are the library's (and precision.py's) objects, its
+    line-search batch default is LineSearch.batches_for, and neither it nor the CLI imports torch."""
+    code = ("import sys, gnopt.cli, gnopt.config; assert 'torch' not in sys.modules, 'torch imported'; "
+            "import gnopt.optim.line_search as ls, gnopt.optim.schedules as sc, gnopt.precision as pr; "
+            "c = gnopt.config; assert c.LS_KINDS is ls.LS_KINDS and c.LS_SOURCES is ls.LS_SOURCES; "
+            "assert c.GN_SCHEDULES is sc.INNER_SCHEDULE_KINDS and c.PRECISIONS is pr.PRECISIONS; "
+            "assert 'torch' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert proc.returncode == 0, proc.stderr
+    from gnopt.config import TrainConfig, resolve
+    from gnopt.optim import LineSearch
+
+    cases = [("model", 16, 0.125, 2), ("model", 7, 0.3, 3), ("grid", 16, 0.5, 16), ("model", 1, 0.01, 1)]
+    for kind, n, fraction, expected in cases:
+        cfg = resolve(TrainConfig(preset="tiny", micro_batch_size=2, batch_tokens=n * 64, ls_kind=kind,
+                                  ls_fraction=fraction))
+        want = LineSearch(kind=kind, fraction=fraction if kind == "model" else None).batches_for(n)
+        assert cfg.ls_batches == want == expected

@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from gnopt.errors import GnoptError
+from gnopt.optim.line_search import LS_KINDS, LS_SOURCES, LineSearch  # torch-free: the library's own
+from gnopt.optim.schedules import INNER_SCHEDULE_KINDS
+from gnopt.precision import PRECISIONS
 
 #: Baselines built by :mod:`gnopt.baselines`.
 BASELINE_OPTIMIZERS: tuple[str, ...] = ("adamw", "muon", "soap", "shampoo")
@@ -42,18 +45,12 @@ OPTIMIZERS: tuple[str, ...] = BASELINE_OPTIMIZERS + GN_OPTIMIZERS
 TOKENIZERS: tuple[str, ...] = ("bpe", "bytes")
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
 DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
-#: ``fp32``: everything in float32; ``bf16-mixed``: bf16 autocast for the model's passes, float32 weights,
-#: optimizer states and losses (see :mod:`gnopt.precision`).
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed")
+#: The harness's inner-optimizer names (built by :func:`gnopt.gn_stepper.build_inner`).
 INNER_OPTIMIZERS: tuple[str, ...] = ("muon", "adamw", "soap", "shampoo", "cg")
-GN_SCHEDULES: tuple[str, ...] = (
-    "global_cosine",
-    "constant_with_inner_cosine",
-    "cosine_with_global_schedule",
-    "constant",
-)
-LS_SOURCES: tuple[str, ...] = ("fresh", "inner")
-LS_KINDS: tuple[str, ...] = ("grid", "model")
+#: The option lists the library and :mod:`gnopt.precision` own (imported, never copied; the library's
+#: ``line_search`` and ``schedules`` modules import without torch): ``PRECISIONS`` (fp32, bf16-mixed),
+#: GN inner schedules, line-search kinds and sources.
+GN_SCHEDULES: tuple[str, ...] = INNER_SCHEDULE_KINDS
 
 #: Peak learning rates used when ``lr`` / ``adam_lr`` are not given: ``(lr, adam_lr)``. ``lr`` is the
 #: learning rate of the optimizer's main group (for muon / shampoo / GN: the hidden 2-D matrices), and
@@ -325,7 +322,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     _choice("preset", cfg.preset, tuple(presets))
     _choice("schedule", cfg.schedule, SCHEDULES)
     _choice("device", cfg.device, DEVICES)
-    _choice("precision", cfg.precision, PRECISIONS)
+    _choice("precision", cfg.precision, tuple(PRECISIONS))
     if cfg.compile and cfg.optimizer in GN_OPTIMIZERS:
         raise GnoptError(
             f"--compile works with the baseline optimizers ({', '.join(BASELINE_OPTIMIZERS)}) only: a "
@@ -447,9 +444,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     # Gauss-Newton knobs: validated for every optimizer so a typo in a shared config file shows early.
     if not (math.isfinite(r.ls_fraction) and 0.0 < r.ls_fraction <= 1.0):
         raise GnoptError(f"ls_fraction must lie in (0, 1], got {r.ls_fraction!r}.")
-    if r.ls_batches is None:  # as LineSearch.batches_for: N for the grid, ⌈fraction·N⌉ for the model
+    if r.ls_batches is None:  # the library's rule: N for the grid, ⌈ls_fraction·N⌉ for the model search
+        fraction = r.ls_fraction if r.ls_kind == "model" else None  # ls_fraction is the model search's
         n = r.batch_tokens // micro_tokens
-        r.ls_batches = n if r.ls_kind == "grid" else max(1, math.ceil(r.ls_fraction * n - 1e-9))
+        r.ls_batches = LineSearch(kind=r.ls_kind, fraction=fraction).batches_for(n)
     _in_range("reset_below", r.reset_below, 0.0, 1.0)
     _positive("damping", r.damping, allow_zero=True)
     _positive("prox", r.prox, allow_zero=True)

@@ -28,7 +28,6 @@ from gnopt.optim import (
     SoftmaxCrossEntropy,
     TorchOptimizer,
 )
-from gnopt.precision import autocast_dtype
 
 MODE_OF: dict[str, tuple[str, str | None]] = {
     "gn": ("gn", None),
@@ -58,7 +57,9 @@ def build_inner(cfg: TrainConfig) -> InnerOptimizer | CG:
     raise GnoptError(f"unknown inner optimizer {kind!r}")
 
 
-def build_gauss_newton(cfg: TrainConfig, model: nn.Module) -> GaussNewton:
+def build_gauss_newton(cfg: TrainConfig, model: nn.Module,
+                       autocast: torch.dtype | None = None) -> GaussNewton:
+    """GaussNewton as ``cfg`` describes it; ``autocast``: the run's precision as a dtype."""
     mode, partition = MODE_OF[cfg.optimizer]
     n = cfg.n_micro
     schedule = InnerSchedule(
@@ -93,7 +94,7 @@ def build_gauss_newton(cfg: TrainConfig, model: nn.Module) -> GaussNewton:
         ema_decay=cfg.ema_decay,
         inner_clip=cfg.inner_clip,
         all_reduce_mean=distributed.all_reduce_mean if distributed.world_size() > 1 else None,
-        autocast_dtype=autocast_dtype(cfg.precision),
+        autocast_dtype=autocast,
     )
 
 
@@ -105,9 +106,10 @@ class GNStepper:
     holds the same θ, inner iterate and inner optimizer state.
     """
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module) -> None:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, autocast: torch.dtype | None = None) -> None:
         self.cfg = cfg
-        self.gn = build_gauss_newton(cfg, model)
+        self.autocast = autocast
+        self.gn = build_gauss_newton(cfg, model, autocast)
         assert cfg.lr is not None
         self.peak_lr = cfg.lr
 
@@ -133,5 +135,5 @@ class GNStepper:
         return self.gn.ema_weights()
 
 
-def build_gn_stepper(cfg: TrainConfig, model: nn.Module) -> GNStepper:
-    return GNStepper(cfg, model)
+def build_gn_stepper(cfg: TrainConfig, model: nn.Module, autocast: torch.dtype | None = None) -> GNStepper:
+    return GNStepper(cfg, model, autocast)

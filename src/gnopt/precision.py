@@ -21,26 +21,38 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-
-import torch
+from typing import TYPE_CHECKING
 
 from gnopt.errors import GnoptError
 
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16-mixed": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+#: ``--precision`` -> the torch dtype its autocast runs in, by name (``None``: no autocast). The one list
+#: of precisions (the config validates against it); importing it does not import torch. ``fp32``: every
+#: pass in float32; ``bf16-mixed``: bf16 autocast for the model's passes, float32 weights, optimizer
+#: states and losses.
+PRECISIONS: dict[str, str | None] = {"fp32": None, "bf16-mixed": "bfloat16"}
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` (``None``: no autocast)."""
+    """The autocast dtype of ``precision`` (``None``: no autocast). The harness converts once per run:
+    :func:`gnopt.steppers.build_stepper` hands it to the stepper, and evaluation reads it there."""
+    import torch
+
     try:
-        return AUTOCAST_DTYPES[precision]
+        name = PRECISIONS[precision]
     except KeyError:
         raise GnoptError(
-            f"unknown precision {precision!r}; valid precisions: {', '.join(AUTOCAST_DTYPES)}."
+            f"unknown precision {precision!r}; valid precisions: {', '.join(PRECISIONS)}."
         ) from None
+    return None if name is None else getattr(torch, name)
 
 
 def bf16_supported(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 autocast natively (CUDA: compute capability 8.0+, Ampere or newer)."""
+    import torch
+
     if not torch.amp.is_autocast_available(device.type):
         return False
     if device.type == "cuda":
@@ -50,6 +62,8 @@ def bf16_supported(device: torch.device) -> bool:
 
 def check_supported(precision: str, device: torch.device) -> None:
     """A :class:`GnoptError` when ``device`` cannot run ``precision`` (checked before anything is written)."""
+    import torch
+
     if autocast_dtype(precision) is not None and not bf16_supported(device):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         raise GnoptError(
@@ -64,6 +78,8 @@ def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
     if device.type != "cuda" or autocast_dtype(precision) is None:
         yield
         return
+    import torch
+
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:

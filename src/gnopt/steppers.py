@@ -15,6 +15,8 @@ Contract (see docs/architecture.md):
 * ``state_dict()`` / ``load_state_dict()`` hold everything needed to continue bitwise: only tensors and
   plain Python containers/scalars (checkpoints are loaded with ``weights_only=True``).
 * optional ``eval_context()`` -> context manager: evaluation runs inside it (GN swaps in EMA weights).
+* ``autocast``: the dtype the model's passes run under (``None``: none), from ``--precision``:
+  :func:`build_stepper` converts the precision once and hands it over; evaluation reads it here.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ Batch = tuple[Tensor, Tensor]
 @runtime_checkable
 class Stepper(Protocol):
     """What the training loop calls once per optimizer step."""
+
+    autocast: torch.dtype | None
 
     def step(self, batches: Iterator[Batch]) -> dict[str, float]: ...
 
@@ -106,7 +110,7 @@ class BaselineStepper:
     update are the same on every process.
     """
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module) -> None:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, autocast: torch.dtype | None = None) -> None:
         self.model = model
         # --compile: the training forward goes through torch.compile; ``model`` itself (its parameters and
         # state dict, evaluation) stays the eager module, so checkpoints do not depend on the flag.
@@ -115,7 +119,7 @@ class BaselineStepper:
         self.micro_tokens = cfg.micro_batch_tokens
         self.grad_clip = cfg.grad_clip
         self.skip_nonfinite = cfg.skip_nonfinite
-        self.autocast = autocast_dtype(cfg.precision)
+        self.autocast = autocast  # the config's precision as a dtype (build_stepper converts it)
         labelled = build_baseline_optimizers(cfg, model)
         self.labels = [label for label, _ in labelled]
         self.optimizers = [opt for _, opt in labelled]
@@ -211,8 +215,9 @@ class BaselineStepper:
 
 def build_stepper(cfg: TrainConfig, model: nn.Module) -> Stepper:
     """The stepper for ``cfg.optimizer`` (a resolved config) on ``model`` (already on its device)."""
+    autocast = autocast_dtype(cfg.precision)  # the one place a run's precision becomes a dtype
     if cfg.optimizer in BASELINE_OPTIMIZERS:
-        return BaselineStepper(cfg, model)
+        return BaselineStepper(cfg, model, autocast)
     if cfg.optimizer in GN_OPTIMIZERS:
         try:
             from gnopt.gn_stepper import build_gn_stepper
@@ -223,6 +228,6 @@ def build_stepper(cfg: TrainConfig, model: nn.Module) -> Stepper:
                 f"optimizer {cfg.optimizer!r} is not available in this build (gnopt.gn_stepper is missing); "
                 f"available now: {', '.join(BASELINE_OPTIMIZERS)}."
             ) from None
-        return build_gn_stepper(cfg, model)
+        return build_gn_stepper(cfg, model, autocast)
     valid = ", ".join(BASELINE_OPTIMIZERS + GN_OPTIMIZERS)
     raise GnoptError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {valid}.")

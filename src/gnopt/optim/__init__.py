@@ -12,46 +12,58 @@ Typical use::
     for t in range(100):
         record = gn.step(batches)        # batches yields (inputs, targets) micro-batches
         print(record.loss, record.alpha, record.rho)
+
+The public names below load on first access, after a check of the installed torch (one clear message on a
+torch without the APIs they use). So the torch-free modules (:mod:`.line_search`, :mod:`.schedules`,
+:mod:`.damping`) import without torch: the harness's config takes its option lists and rules from them.
 """
 
-from gnopt.torch_version import check as _check_torch
+from __future__ import annotations
 
-_check_torch()  # one clear message on a torch without the APIs used below (hence imports after code)
+from importlib import import_module
+from typing import Any
 
-# ruff: noqa: E402
-from gnopt.optim.cg import conjugate_gradient
-from gnopt.optim.damping import Damping
-from gnopt.optim.gauss_newton import MODES, GaussNewton
-from gnopt.optim.inner import CG, InnerOptimizer, InnerSolver, MuonAdamW, OptimizerChain, TorchOptimizer
-from gnopt.optim.line_search import LineSearch
-from gnopt.optim.linearize import jvp, linearized_pass, model_autocast
-from gnopt.optim.losses import AutogradLoss, LocalLoss, MSELoss, OutputLoss, SoftmaxCrossEntropy
-from gnopt.optim.partition import Partition
-from gnopt.optim.record import GNStepRecord
-from gnopt.optim.schedules import InnerSchedule, lr_multiplier
+#: public name -> the module that defines it (resolved lazily by ``__getattr__``).
+_LAZY: dict[str, str] = {
+    "CG": "gnopt.optim.inner",
+    "MODES": "gnopt.optim.gauss_newton",
+    "AutogradLoss": "gnopt.optim.losses",
+    "Damping": "gnopt.optim.damping",
+    "GNStepRecord": "gnopt.optim.record",
+    "GaussNewton": "gnopt.optim.gauss_newton",
+    "InnerOptimizer": "gnopt.optim.inner",
+    "InnerSchedule": "gnopt.optim.schedules",
+    "InnerSolver": "gnopt.optim.inner",
+    "LineSearch": "gnopt.optim.line_search",
+    "LocalLoss": "gnopt.optim.losses",
+    "MSELoss": "gnopt.optim.losses",
+    "MuonAdamW": "gnopt.optim.inner",
+    "OptimizerChain": "gnopt.optim.inner",
+    "OutputLoss": "gnopt.optim.losses",
+    "Partition": "gnopt.optim.partition",
+    "SoftmaxCrossEntropy": "gnopt.optim.losses",
+    "TorchOptimizer": "gnopt.optim.inner",
+    "conjugate_gradient": "gnopt.optim.cg",
+    "jvp": "gnopt.optim.linearize",
+    "linearized_pass": "gnopt.optim.linearize",
+    "lr_multiplier": "gnopt.optim.schedules",
+    "model_autocast": "gnopt.optim.linearize",
+}
 
-__all__ = [
-    "CG",
-    "MODES",
-    "AutogradLoss",
-    "Damping",
-    "GNStepRecord",
-    "GaussNewton",
-    "InnerOptimizer",
-    "InnerSolver",
-    "InnerSchedule",
-    "LineSearch",
-    "LocalLoss",
-    "MSELoss",
-    "MuonAdamW",
-    "OptimizerChain",
-    "OutputLoss",
-    "Partition",
-    "SoftmaxCrossEntropy",
-    "TorchOptimizer",
-    "conjugate_gradient",
-    "jvp",
-    "linearized_pass",
-    "lr_multiplier",
-    "model_autocast",
-]
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gnopt.optim' has no attribute {name!r}")
+    from gnopt.torch_version import check
+
+    check()
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
