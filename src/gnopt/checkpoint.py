@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from gnopt.errors import GnoptError
+from gnopt.run_folder import CHECKPOINT_NAME as CHECKPOINT_NAME  # re-exported (gnopt.run_folder)
 
-CHECKPOINT_NAME = "checkpoint.pt"
 #: Bumped when the checkpoint layout changes incompatibly.
 CHECKPOINT_FORMAT = 1
 #: Test-only environment hook: seconds to sleep inside a checkpoint write, before the rename.

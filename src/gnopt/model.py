@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gnopt.attention import explicit_causal_attention as explicit_causal_attention  # (re-exported)
 from gnopt.errors import GnoptError
+from gnopt.model_tangent import llama_forward_with_tangent
 
 AttnImpl = Literal["sdpa", "explicit"]
 ATTN_IMPLS: tuple[str, ...] = ("sdpa", "explicit")
@@ -177,15 +179,6 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, d))
 
 
-def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q kᵀ/√hd + causal mask) v, written out (reference for tests; forward-AD safe)."""
-    t = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
-
-
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x)."""
 
@@ -286,16 +279,12 @@ class LLaMA(nn.Module):
         """Logits for ``idx`` at the parameters ``params`` (a graph to those that require grad) and their
         tangent ``J Δ`` for ``tangent`` = Δ, in one primal pass: the fast path of
         :func:`gnopt.optim.linearize.forward_with_graph_and_tangent` (see :mod:`gnopt.model_tangent`)."""
-        from gnopt.model_tangent import llama_forward_with_tangent
-
         return llama_forward_with_tangent(self, params, idx, tangent)
 
     def forward_with_tangent_applies(self) -> bool:
         """Whether :meth:`forward_with_tangent` gives the tangent of the function this model computes:
         only for this exact class, built from its own submodule classes with their own ``forward``s (see
-        :func:`gnopt.model_tangent.mirrors`). Otherwise GN uses forward-mode AD of ``forward``."""
-        from gnopt.model_tangent import mirrors
-
+        :func:`mirrors`). Otherwise GN uses forward-mode AD of ``forward``."""
         return mirrors(self)
 
     def block_partition(self) -> list[list[str]]:
@@ -316,12 +305,54 @@ class LLaMA(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-#: Each class's ``forward`` as defined here (or by torch), for :func:`gnopt.model_tangent.mirrors`: a class
+#: Each class's ``forward`` as defined here (or by torch), for :func:`mirrors`: a class
 #: whose ``forward`` was replaced after import computes something the one-pass tangent does not mirror.
 ORIGINAL_FORWARDS: dict[type[nn.Module], Callable[..., object]] = {
     cls: cls.forward
     for cls in (LLaMA, Block, Attention, SwiGLU, RMSNorm, RotaryEmbedding, nn.Linear, nn.Embedding)
 }
+
+
+def mirrors(model: nn.Module) -> bool:
+    """Whether ``model`` computes exactly the function the rules of :mod:`gnopt.model_tangent`
+    differentiate: gnopt's ``LLaMA`` (not a subclass) made of ``RotaryEmbedding``, bias-free
+    ``nn.Linear``, a plain ``nn.Embedding``, ``Block``, ``Attention``, ``SwiGLU`` and ``RMSNorm`` (numeric
+    ``eps``) in their places, every class's ``forward`` the one it was defined with and no instance
+    carrying a ``forward`` of its own. A cheap walk over the modules; hooks are checked by
+    :func:`gnopt.optim.linearize.has_tangent_forward`."""
+
+    def exact(m: object, cls: type[nn.Module]) -> bool:
+        return type(m) is cls and isinstance(m, nn.Module) and "forward" not in vars(m)
+
+    def linear(m: object) -> bool:
+        return exact(m, nn.Linear) and isinstance(m.weight, nn.Parameter) and m.bias is None  # type: ignore[union-attr]
+
+    def norm(m: object) -> bool:
+        eps = getattr(m, "eps", None)
+        return (exact(m, RMSNorm) and isinstance(m.weight, nn.Parameter)  # type: ignore[union-attr]
+                and isinstance(eps, int | float) and not isinstance(eps, bool))
+
+    if any(cls.forward is not fwd for cls, fwd in ORIGINAL_FORWARDS.items()):
+        return False
+    if not (exact(model, LLaMA) and isinstance(model, LLaMA)):
+        return False
+    emb = model.tok_emb
+    if not (exact(emb, nn.Embedding) and isinstance(emb.weight, nn.Parameter) and emb.padding_idx is None
+            and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse):
+        return False
+    if not (exact(model.rope, RotaryEmbedding) and type(model.blocks) is nn.ModuleList
+            and norm(model.norm) and linear(model.lm_head)):
+        return False
+    for block in model.blocks:
+        if not (exact(block, Block) and norm(block.attn_norm) and norm(block.mlp_norm)):
+            return False
+        attn, mlp = block.attn, block.mlp
+        if not (exact(attn, Attention) and attn.attn_impl in ATTN_IMPLS
+                and all(linear(m) for m in (attn.wq, attn.wk, attn.wv, attn.wo))):
+            return False
+        if not (exact(mlp, SwiGLU) and all(linear(m) for m in (mlp.w1, mlp.w2, mlp.w3))):
+            return False
+    return True
 
 
 def count_parameters(model: LLaMA) -> dict[str, int]:

@@ -22,9 +22,10 @@ Parameters without a tangent cost nothing (layerwise blocks pass a tangent for o
 is the module's own tensor, with no tangent, and a tied parameter (e.g. ``lm_head.weight is
 tok_emb.weight``) takes its value and tangent under any of its names, so both of its uses carry them.
 
-The rules mirror the classes of :mod:`gnopt.model` as written: :func:`mirrors` tells whether a model is
-built from exactly those (no subclass, no swapped submodule, no ``forward`` replaced on a class or an
-instance, no bias added); for any other model GN takes forward-mode AD of its ``forward``. Each RMSNorm's
+The rules mirror the classes of :mod:`gnopt.model` as written: :func:`gnopt.model.mirrors` tells whether a
+model is built from exactly those (no subclass, no swapped submodule, no ``forward`` replaced on a class or
+an instance, no bias added); for any other model GN takes forward-mode AD of its ``forward``. This module
+imports nothing from :mod:`gnopt.model` (which imports it): no import cycle. Each RMSNorm's
 ``eps`` is read from the module (as its ``forward`` does), not from the config.
 
 ``tests/test_model_tangent.py`` checks it against forward-mode AD and dense float64 Jacobians.
@@ -34,14 +35,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from gnopt.model import LLaMA
+from gnopt.attention import explicit_causal_attention
 
 Tan = Tensor | None
 
@@ -61,57 +60,6 @@ def _linear(x: Tensor, w: Tensor, ux: Tan, dw: Tan) -> tuple[Tensor, Tan]:
         if dw is not None:
             uy = _add(uy, F.linear(x.detach(), dw))
     return y, uy
-
-
-def mirrors(model: nn.Module) -> bool:
-    """Whether ``model`` computes exactly the function the rules here differentiate: gnopt's ``LLaMA`` (not
-    a subclass) made of ``RotaryEmbedding``, bias-free ``nn.Linear``, a plain ``nn.Embedding``, ``Block``,
-    ``Attention``, ``SwiGLU`` and ``RMSNorm`` (numeric ``eps``) in their places, every class's ``forward``
-    the one it was defined with and no instance carrying a ``forward`` of its own. A cheap walk over the
-    modules; hooks are checked by :func:`gnopt.optim.linearize.has_tangent_forward`."""
-    from gnopt.model import (
-        ATTN_IMPLS,
-        ORIGINAL_FORWARDS,
-        Attention,
-        Block,
-        LLaMA,
-        RMSNorm,
-        RotaryEmbedding,
-        SwiGLU,
-    )
-
-    def exact(m: object, cls: type[nn.Module]) -> bool:
-        return type(m) is cls and isinstance(m, nn.Module) and "forward" not in vars(m)
-
-    def linear(m: object) -> bool:
-        return exact(m, nn.Linear) and isinstance(m.weight, nn.Parameter) and m.bias is None  # type: ignore[union-attr]
-
-    def norm(m: object) -> bool:
-        eps = getattr(m, "eps", None)
-        return (exact(m, RMSNorm) and isinstance(m.weight, nn.Parameter)  # type: ignore[union-attr]
-                and isinstance(eps, int | float) and not isinstance(eps, bool))
-
-    if any(cls.forward is not fwd for cls, fwd in ORIGINAL_FORWARDS.items()):
-        return False
-    if not (exact(model, LLaMA) and isinstance(model, LLaMA)):
-        return False
-    emb = model.tok_emb
-    if not (exact(emb, nn.Embedding) and isinstance(emb.weight, nn.Parameter) and emb.padding_idx is None
-            and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse):
-        return False
-    if not (exact(model.rope, RotaryEmbedding) and type(model.blocks) is nn.ModuleList
-            and norm(model.norm) and linear(model.lm_head)):
-        return False
-    for block in model.blocks:
-        if not (exact(block, Block) and norm(block.attn_norm) and norm(block.mlp_norm)):
-            return False
-        attn, mlp = block.attn, block.mlp
-        if not (exact(attn, Attention) and attn.attn_impl in ATTN_IMPLS
-                and all(linear(m) for m in (attn.wq, attn.wk, attn.wv, attn.wo))):
-            return False
-        if not (exact(mlp, SwiGLU) and all(linear(m) for m in (mlp.w1, mlp.w2, mlp.w3))):
-            return False
-    return True
 
 
 def _rms_norm(x: Tensor, w: Tensor, eps: float, ux: Tan, dw: Tan) -> tuple[Tensor, Tan]:
@@ -143,8 +91,8 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-def _attention(model: LLaMA, i: int, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor], x: Tensor,
-               ux: Tan, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tan]:
+def _attention(model: nn.Module, i: int, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor],
+               x: Tensor, ux: Tan, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tan]:
     p = f"blocks.{i}.attn."
     attn = model.blocks[i].attn
     b, s, d = x.shape
@@ -157,8 +105,6 @@ def _attention(model: LLaMA, i: int, params: Mapping[str, Tensor], tangent: Mapp
     if attn.attn_impl == "sdpa":
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
-        from gnopt.model import explicit_causal_attention
-
         y = explicit_causal_attention(q, k, v)
     uy = None
     if uq is not None or uk is not None or uv is not None:
@@ -205,7 +151,7 @@ def _swiglu(i: int, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor],
 
 
 def _by_module_name(
-    model: LLaMA, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor]
+    model: nn.Module, params: Mapping[str, Tensor], tangent: Mapping[str, Tensor]
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """θ and Δ under every name a module of ``model`` holds a parameter by (as ``functional_call`` with
     ``tie_weights=True`` resolves them): a tied parameter gets the entry given under any of its names, a
@@ -229,7 +175,7 @@ def _by_module_name(
 
 
 def llama_forward_with_tangent(
-    model: LLaMA, params: Mapping[str, Tensor], idx: Tensor, tangent: Mapping[str, Tensor]
+    model: nn.Module, params: Mapping[str, Tensor], idx: Tensor, tangent: Mapping[str, Tensor]
 ) -> tuple[Tensor, Tensor]:
     """``(f(θ; idx), J Δ)``: logits with a graph to the ``params`` that require grad, and their tangent.
 

@@ -27,12 +27,17 @@ process draws the same global micro-batches and keeps its shard of each; the ste
 losses over the processes, evaluation is split over them, and only rank 0 writes files or prints. At each
 checkpoint the ranks check that they hold the same model and optimizer state.
 
+The file names and the ``metrics.jsonl`` reader live in :mod:`gnopt.run_folder`. One run, in order
+(:func:`_train`): claim the folder (:func:`inspect_out_dir`, the lock), build (:func:`_build`), resume
+(:func:`_restore`) or start (:func:`_start_folder`), the step loop (:class:`_Loop`), the summary
+(:func:`_summary`).
+
 Faults: SIGTERM / SIGINT / SIGHUP ask the loop to stop after the current step, write a checkpoint and
-return (exit 0; a second signal interrupts at once). One process writes a run folder at a time: it holds the
-folder's lock (:mod:`gnopt.lock`) while it runs, and a second one is refused with an error naming it. A
-step that a non-finite value spoils is skipped (baselines) or rejected (GN line search), logged, and
-training goes on. A ``kill -9`` at any moment leaves the last complete checkpoint (writes are atomic), from
-which ``--resume`` continues bitwise.
+return (exit 0; a second signal interrupts at once; :mod:`gnopt.stopping`). One process writes a run
+folder at a time: it holds the folder's lock (:mod:`gnopt.lock`) while it runs, and a second one is
+refused with an error naming it. A step that a non-finite value spoils is skipped (baselines) or rejected
+(GN line search), logged, and training goes on. A ``kill -9`` at any moment leaves the last complete
+checkpoint (writes are atomic), from which ``--resume`` continues bitwise.
 """
 
 from __future__ import annotations
@@ -44,11 +49,10 @@ import math
 import os
 import random
 import shlex
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +62,6 @@ from torch import Tensor, nn
 
 from gnopt import distributed
 from gnopt.checkpoint import (
-    CHECKPOINT_NAME,
     STOP_AT_LOSS_REASON,
     atomic_write_text,
     load_checkpoint,
@@ -71,17 +74,13 @@ from gnopt.checkpoint import (
 from gnopt.config import TrainConfig, fingerprint, fingerprint_diff, fingerprint_fields, resolve
 from gnopt.errors import GnoptError
 from gnopt.lock import FolderLock
-from gnopt.precision import autocast_dtype, check_supported, matmul_precision
+from gnopt.precision import check_supported, matmul_precision
+from gnopt.run_folder import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RUN_FILES, SUMMARY_NAME, iter_metrics
 from gnopt.steppers import Stepper, build_stepper, forward, lm_loss
+from gnopt.stopping import STOP_SIGNALS as STOP_SIGNALS  # re-exported: the stop lives in gnopt.stopping
+from gnopt.stopping import GracefulStop
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.jsonl"
-SUMMARY_NAME = "summary.json"
-#: The files a run owns in its output directory (``--overwrite`` deletes these and nothing else).
-RUN_FILES: tuple[str, ...] = (CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, CHECKPOINT_NAME)
-
 
 # ------------------------------------------------------------------------------------------------------
 # data, device, seeds
@@ -276,19 +275,12 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     model.load_state_dict(state)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(out: Path, step: int) -> None:
     """Keep only the metrics lines of steps <= ``step`` (drops a torn last line too)."""
-    if not path.exists():
+    if not (out / METRICS_NAME).exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
-            kept.append(line)
-    atomic_write_text(path, "".join(k + "\n" for k in kept))
+    kept = [line for line, rec in iter_metrics(out) if rec["step"] <= step]
+    atomic_write_text(out / METRICS_NAME, "".join(k + "\n" for k in kept))
 
 
 def _jsonable(value: Any) -> Any:
@@ -372,81 +364,6 @@ def _state_tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-#: The signals that ask a run (or a study) to stop after the current step: ``kill``'s default, Ctrl-C, and
-#: the hang-up of the terminal (or ``kill -HUP``).
-STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
-    s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGHUP")) if s is not None
-)
-
-
-class GracefulStop:
-    """SIGTERM / SIGINT / SIGHUP handling for the training loop (and for ``gnopt study``).
-
-    The first signal only records itself (and says so on stderr); the loop finishes the step it is in,
-    writes a checkpoint and returns. The same signal a second time raises :class:`KeyboardInterrupt` at once
-    (no checkpoint: the last one stays valid); another signal is ignored after the first, because
-    torchrun answers a Ctrl-C (SIGINT to every process) by sending its workers SIGTERM as well. Handlers
-    are installed only in the main thread and restored on exit; installing an installed stop again is a
-    no-op (a study hands its stop to the runs it runs in its own process).
-
-    :meth:`request` asks for the same graceful stop without a signal, from any thread (a study's worker
-    process does so when the study stops or dies). ``on_request`` (if set) is called once, with the
-    reason, when the first request or signal arrives (inside the signal handler: keep it short).
-    """
-
-    SIGNALS: tuple[signal.Signals, ...] = STOP_SIGNALS
-    MESSAGE = ("finishing the current step, then writing a checkpoint (send it again to stop at once, "
-               "without one).")
-
-    def __init__(self, *, announce: bool = True, message: str = MESSAGE,
-                 on_request: Callable[[str], None] | None = None) -> None:
-        self.signal_name: str | None = None
-        self.reason: str | None = None
-        self.announce = announce
-        self.message = message
-        self.on_request = on_request
-        self._installed = False
-
-    @property
-    def requested(self) -> bool:
-        return self.reason is not None
-
-    def request(self, reason: str) -> None:
-        """Ask for a stop after the current step (the first reason given is kept)."""
-        if self.reason is not None:
-            return
-        self.reason = reason
-        if self.on_request is not None:
-            self.on_request(reason)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.signal_name is not None:
-            if name == self.signal_name:
-                raise KeyboardInterrupt
-            return
-        self.signal_name = name
-        if self.announce:
-            # os.write, not print: a handler may interrupt a print to the same stream.
-            with contextlib.suppress(OSError):  # e.g. SIGHUP: the terminal is gone
-                os.write(2, f"gnopt: {name} received: {self.message}\n".encode())
-        self.request(name)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[GracefulStop]:
-        if threading.current_thread() is not threading.main_thread() or self._installed:
-            yield self
-            return
-        old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        self._installed = True
-        try:
-            yield self
-        finally:
-            self._installed = False
-            for s, handler in old.items():
-                signal.signal(s, handler)
-
-
 def resume_command(out: Path) -> str:
     """The command that continues this run: this process's ``gnopt train`` arguments plus ``--resume``.
 
@@ -504,21 +421,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
 def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: bool,
            stop: GracefulStop | None, held: contextlib.ExitStack) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    import gnopt
-    from gnopt.data import TokenBatcher, data_statistics, eval_batches
-    from gnopt.model import build_model
-
+    """The run, in order: claim the folder, build, resume or start, the step loop, the summary."""
     assert cfg.out is not None and cfg.seq_len is not None
     out = Path(cfg.out)
     main = distributed.is_main()
-    world = distributed.world_size()
     distributed.check_divisible(cfg.micro_batch_size)
     if not main:
         logging.getLogger("gnopt").setLevel(logging.WARNING)  # rank 0 reports progress
     # One writer per run folder: rank 0 (the only writer) locks it before looking inside, so what it reads
-    # cannot change under it. A folder that does not exist yet is locked once created (below).
+    # cannot change under it. A folder that does not exist yet is locked once created (_start_folder).
     lock = FolderLock(out, "the run folder") if main else None
     if lock is not None and out.is_dir():
         held.enter_context(lock)
@@ -531,6 +442,44 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
             return summary
         # Killed between its last checkpoint and its summary: load it below and write the summary.
 
+    parts = _build(cfg, device, resumed=ckpt is not None)
+    run = _Run()
+    if ckpt is not None:
+        _restore(cfg, parts, ckpt, run, out, main)
+    elif main:
+        _start_folder(cfg, out, lock, held, overwrite=overwrite)
+    del ckpt
+    loop = _Loop(cfg, parts, run, out, main)
+    stopped_early, stop_reason = loop.run_steps(stop)
+    summary = _summary(cfg, parts, run, out, completed=not stopped_early, stop_reason=stop_reason,
+                       wall_seconds=loop.wall())
+    if main:
+        atomic_write_text(out / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
+    return summary
+
+
+@dataclass
+class _Parts:
+    """What a run is built from: threads, data, model, stepper, batcher and validation batches."""
+
+    device: torch.device
+    threads: int
+    prepared: Any
+    vocab_size: int
+    model: nn.Module
+    n_params: int
+    stepper: Stepper
+    batcher: Any
+    val_batches: list[tuple[Tensor, Tensor]]
+
+
+def _build(cfg: TrainConfig, device: torch.device, *, resumed: bool) -> _Parts:
+    """Threads, seeds, the corpus (rank 0 first), the model (``init_from`` weights), the stepper and the
+    batches: every rank builds the same."""
+    from gnopt.data import TokenBatcher, eval_batches
+    from gnopt.model import build_model
+
+    assert cfg.seq_len is not None
     threads = cfg.threads or max(1, available_cores() // max(1, distributed.env_local_world_size()))
     torch.set_num_threads(threads)
     seed_everything(cfg.seed)
@@ -541,7 +490,7 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
     vocab_size = int(prepared.vocab_size)
 
     model = build_model(cfg.preset, vocab_size=vocab_size, seq_len=cfg.seq_len).to(device)
-    if cfg.init_from is not None and ckpt is None:  # a resumed run takes its weights from its checkpoint
+    if cfg.init_from is not None and not resumed:  # a resumed run takes its weights from its checkpoint
         load_init_weights(model, cfg.init_from)
     distributed.broadcast_module(model)  # identical initial θ everywhere, before any optimizer copies it
     n_params = sum(p.numel() for p in model.parameters())
@@ -549,75 +498,85 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
     batcher = TokenBatcher(prepared.train, cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed, device=device)
     val_batches = eval_batches(prepared.valid, cfg.seq_len, cfg.micro_batch_size, max_tokens=cfg.eval_tokens,
                                device=device)
-    eval_tokens_used = sum(int(y.numel()) for _, y in val_batches)
+    return _Parts(device, threads, prepared, vocab_size, model, n_params, stepper, batcher, val_batches)
 
-    run = _Run()
-    if ckpt is not None:
-        if int(ckpt.get("vocab_size", -1)) != vocab_size:
-            raise GnoptError(
-                f"cannot resume: the checkpoint's vocabulary has {ckpt.get('vocab_size')} tokens, the "
-                f"prepared data {vocab_size}; the corpus or tokenizer changed."
-            )
-        try:
-            model.load_state_dict(ckpt["model"])
-            stepper.load_state_dict(ckpt["stepper"])
-            batcher.load_state_dict(ckpt["batcher"])
-        except (KeyError, ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GnoptError(
-                f"cannot resume from {out / CHECKPOINT_NAME}: its state does not fit ({first})."
-            ) from None
-        run.load(ckpt["counters"])
-        set_rng_state(ckpt["rng"])
-        if main:
-            _truncate_metrics(out / METRICS_NAME, run.step)
-            remove_stale_temp_files(out / CHECKPOINT_NAME)  # left by a process killed mid-write
-    elif main:
-        # Past every check (and every rank has inspected --out): the output directory is ours to (re)write.
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise GnoptError(f"cannot create the output directory {out}: {exc.strerror}.") from None
-        if lock is not None and not lock.held:
-            held.enter_context(lock)
-            inspect_out_dir(out, cfg, resume=False, overwrite=overwrite)  # did another run start here since?
-        if overwrite:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-            remove_stale_temp_files(out / CHECKPOINT_NAME)
-        atomic_write_text(
-            out / CONFIG_NAME,
-            json.dumps({"fingerprint": fingerprint(cfg), "config": cfg.to_dict()}, indent=2) + "\n",
+
+def _restore(cfg: TrainConfig, parts: _Parts, ckpt: dict[str, Any], run: _Run, out: Path, main: bool) -> None:
+    """Continue from the checkpoint: model, stepper, batcher, counters, RNG states; cut metrics.jsonl back."""
+    if int(ckpt.get("vocab_size", -1)) != parts.vocab_size:
+        raise GnoptError(
+            f"cannot resume: the checkpoint's vocabulary has {ckpt.get('vocab_size')} tokens, the "
+            f"prepared data {parts.vocab_size}; the corpus or tokenizer changed."
         )
-    del ckpt
+    try:
+        parts.model.load_state_dict(ckpt["model"])
+        parts.stepper.load_state_dict(ckpt["stepper"])
+        parts.batcher.load_state_dict(ckpt["batcher"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GnoptError(
+            f"cannot resume from {out / CHECKPOINT_NAME}: its state does not fit ({first})."
+        ) from None
+    run.load(ckpt["counters"])
+    set_rng_state(ckpt["rng"])
+    if main:
+        _truncate_metrics(out, run.step)
+        remove_stale_temp_files(out / CHECKPOINT_NAME)  # left by a process killed mid-write
 
-    data_info = {k: _jsonable(v) for k, v in data_statistics(prepared).items()}
-    data_info["cache_hit"] = bool(prepared.cache_hit)
-    quiet = cfg.quiet or not main
-    bar = tqdm(total=cfg.steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=quiet or not sys.stderr.isatty())
 
-    def say(msg: str) -> None:
-        if not quiet:
+def _start_folder(cfg: TrainConfig, out: Path, lock: FolderLock | None, held: contextlib.ExitStack, *,
+                  overwrite: bool) -> None:
+    """A new run (rank 0): create and lock the folder, clear an overwritten run's files, write config.json."""
+    # Past every check (and every rank has inspected --out): the output directory is ours to (re)write.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GnoptError(f"cannot create the output directory {out}: {exc.strerror}.") from None
+    if lock is not None and not lock.held:
+        held.enter_context(lock)
+        inspect_out_dir(out, cfg, resume=False, overwrite=overwrite)  # did another run start here since?
+    if overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        remove_stale_temp_files(out / CHECKPOINT_NAME)
+    atomic_write_text(
+        out / CONFIG_NAME,
+        json.dumps({"fingerprint": fingerprint(cfg), "config": cfg.to_dict()}, indent=2) + "\n",
+    )
+
+
+class _Loop:
+    """The step loop of one invocation: steps, metrics lines, evaluations, checkpoints, stops."""
+
+    def __init__(self, cfg: TrainConfig, parts: _Parts, run: _Run, out: Path, main: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.cfg, self.parts, self.run, self.out, self.main = cfg, parts, run, out, main
+        self.world = distributed.world_size()
+        self.quiet = cfg.quiet or not main
+        self.bar = tqdm(total=cfg.steps, initial=run.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                        disable=self.quiet or not sys.stderr.isatty())
+        self.t_start = time.perf_counter()
+        self.metrics = (out / METRICS_NAME).open("a", encoding="utf-8") if main else None
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
             with contextlib.suppress(OSError):  # the terminal hung up (SIGHUP): the run goes on
-                bar.write(msg, file=sys.stdout)
+                self.bar.write(msg, file=sys.stdout)
 
-    t_start = time.perf_counter()
+    def wall(self) -> float:
+        return self.run.wall_before + (time.perf_counter() - self.t_start)
 
-    def wall() -> float:
-        return run.wall_before + (time.perf_counter() - t_start)
+    def write_line(self, rec: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(_jsonable(rec)) + "\n")
+            self.metrics.flush()
 
-    metrics = (out / METRICS_NAME).open("a", encoding="utf-8") if main else None
-
-    def write_line(rec: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(_jsonable(rec)) + "\n")
-            metrics.flush()
-
-    def do_eval() -> float:
-        with _eval_context(stepper):
-            val = evaluate(model, val_batches, autocast=autocast_dtype(cfg.precision))
-        write_line({"type": "eval", "step": run.step, "tokens": run.tokens, "val_loss": val})
+    def evaluate(self) -> float:
+        cfg, run = self.cfg, self.run
+        with _eval_context(self.parts.stepper):
+            val = evaluate(self.parts.model, self.parts.val_batches, autocast=self.parts.stepper.autocast)
+        self.write_line({"type": "eval", "step": run.step, "tokens": run.tokens, "val_loss": val})
         if run.initial_val_loss is None:
             run.initial_val_loss = val
         run.last_val_loss, run.last_val_step = val, run.step
@@ -627,109 +586,132 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
         if cfg.target_loss is not None and run.steps_to_target is None and val <= cfg.target_loss:
             run.steps_to_target, run.tokens_to_target = run.step, run.tokens
             hit = f" (target {cfg.target_loss} reached)"
-        say(f"step {run.step:>6}/{cfg.steps} | tokens {run.tokens:>12,} | val_loss {val:.4f}{hit}")
+        self.say(f"step {run.step:>6}/{cfg.steps} | tokens {run.tokens:>12,} | val_loss {val:.4f}{hit}")
         return val
 
-    def save() -> None:
-        state = _checkpoint_state(cfg, model, stepper, batcher, run, wall(), vocab_size)
-        if world > 1:
+    def save(self) -> None:
+        p = self.parts
+        state = _checkpoint_state(self.cfg, p.model, p.stepper, p.batcher, self.run, self.wall(),
+                                  p.vocab_size)
+        if self.world > 1:
             distributed.check_identical(_state_tensors([state["model"], state["stepper"]]),
                                         "model and optimizer states")
-        if metrics is not None:
-            metrics.flush()
-            os.fsync(metrics.fileno())  # every logged step of the checkpoint is on disk before it
-            save_checkpoint(out / CHECKPOINT_NAME, state)
+        if self.metrics is not None:
+            self.metrics.flush()
+            os.fsync(self.metrics.fileno())  # every logged step of the checkpoint is on disk before it
+            save_checkpoint(self.out / CHECKPOINT_NAME, state)
 
-    dp = f" | {world} data-parallel processes" if world > 1 else ""
-    say(f"model {cfg.preset}: {n_params:,} parameters | data: {prepared.description} | device {device}, "
-        f"{threads} thread{'s' if threads != 1 else ''}{dp} | {cfg.n_micro} micro-batches of "
-        f"{cfg.micro_batch_size}x{cfg.seq_len} per step")
-    batches: Iterator[tuple[Tensor, Tensor]] = distributed.shard_batches(iter(batcher))
-    stopped_early = False
-    stop_reason: str | None = None
-    own_stop = stop is None
-    if stop is None:
-        stop = GracefulStop(announce=main)
-    try:
-        with stop.installed():
-            if run.step == 0:
-                do_eval()
-            while run.step < cfg.steps:
-                t0 = time.perf_counter()
-                rec = stepper.step(batches)
-                run.step += 1
-                run.train_tokens += int(rec.get("train_tokens", 0))
-                run.ls_tokens += int(rec.get("ls_tokens", 0))
-                run.passes += rec.get("passes", 0)  # GN counts fractional passes: keep floats as floats
-                if rec.get("skipped"):
-                    run.skipped_steps += 1
-                    say(f"step {run.step}: non-finite gradient norm ({rec.get('grad_norm')}); step skipped.")
-                if rec.get("inner_nonfinite"):
-                    run.nonfinite_inner_steps += int(rec["inner_nonfinite"])
-                    say(f"step {run.step}: {rec['inner_nonfinite']} inner step(s) met non-finite values and "
-                        "were skipped.")
-                if rec.get("rejected"):
-                    run.rejected_steps += 1
-                    say(f"step {run.step}: no finite line-search loss; outer step rejected (weights "
-                        "unchanged).")
-                line: dict[str, Any] = {
-                    "step": run.step,
-                    "tokens": run.tokens,
-                    "loss": rec.get("loss"),
-                    "lr": rec.get("lr"),
-                    "grad_norm": rec.get("grad_norm"),
-                    "wall": wall(),
-                    "step_seconds": time.perf_counter() - t0,
-                }
-                line.update({k: v for k, v in rec.items() if k not in line})
-                write_line(line)
-                loss = rec.get("loss")
-                bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) else loss,
-                                val=f"{run.last_val_loss:.4f}" if run.last_val_loss is not None else "-",
-                                refresh=False)
-                bar.update(1)
-                last = run.step == cfg.steps
-                if last or (cfg.eval_every and run.step % cfg.eval_every == 0):
-                    do_eval()
-                signalled = distributed.any_rank(stop.requested) and not last  # every rank agrees
-                stop_after = cfg.stop_after is not None and run.step >= cfg.stop_after and not last
-                # every rank evaluates the same weights on the same set: they agree without a collective
-                at_loss = (cfg.stop_at_loss is not None and not last and run.last_val_step == run.step
-                           and run.last_val_loss is not None and run.last_val_loss <= cfg.stop_at_loss)
-                stop_now = signalled or stop_after or at_loss
-                if last or stop_now or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):
-                    save()
-                if stop_now:
-                    stopped_early = True
-                    if signalled:
-                        stop_reason = stop.reason or "a signal to another rank"
-                        if main and own_stop:
-                            bar.clear()
-                            with contextlib.suppress(OSError):
-                                print(f"stopped at step {run.step} ({stop_reason}); checkpoint written; "
-                                      f"resume with: {resume_command(out)}", flush=True)
-                    elif stop_after:
-                        stop_reason = "--stop-after"
-                        say(f"stopping after step {run.step} (--stop-after); continue with --resume.")
-                    else:
-                        stop_reason = STOP_AT_LOSS_REASON
-                        say(f"stopping after step {run.step}: validation loss {run.last_val_loss:.4f} <= "
-                            f"{cfg.stop_at_loss} (--stop-at-loss); continue with --resume and a lower "
-                            "--stop-at-loss, or none.")
-                    break
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
+    def run_steps(self, stop: GracefulStop | None) -> tuple[bool, str | None]:
+        """Train to ``steps`` or to a stop; returns (stopped early, the stop reason)."""
+        cfg, p = self.cfg, self.parts
+        dp = f" | {self.world} data-parallel processes" if self.world > 1 else ""
+        self.say(f"model {cfg.preset}: {p.n_params:,} parameters | data: {p.prepared.description} | device "
+                 f"{p.device}, {p.threads} thread{'s' if p.threads != 1 else ''}{dp} | {cfg.n_micro} "
+                 f"micro-batches of {cfg.micro_batch_size}x{cfg.seq_len} per step")
+        batches: Iterator[tuple[Tensor, Tensor]] = distributed.shard_batches(iter(p.batcher))
+        own_stop = stop is None
+        if stop is None:
+            stop = GracefulStop(announce=self.main)
+        try:
+            with stop.installed():
+                if self.run.step == 0:
+                    self.evaluate()
+                while self.run.step < cfg.steps:
+                    self._step(batches)
+                    reason = self._after_step(stop, own_stop)
+                    if reason is not None:
+                        return True, reason
+        finally:
+            self.bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        return False, None
 
-    summary = {
+    def _step(self, batches: Iterator[tuple[Tensor, Tensor]]) -> None:
+        """One optimizer step, its counters and its metrics line."""
+        run = self.run
+        t0 = time.perf_counter()
+        rec = self.parts.stepper.step(batches)
+        run.step += 1
+        run.train_tokens += int(rec.get("train_tokens", 0))
+        run.ls_tokens += int(rec.get("ls_tokens", 0))
+        run.passes += rec.get("passes", 0)  # GN counts fractional passes: keep floats as floats
+        if rec.get("skipped"):
+            run.skipped_steps += 1
+            self.say(f"step {run.step}: non-finite gradient norm ({rec.get('grad_norm')}); step skipped.")
+        if rec.get("inner_nonfinite"):
+            run.nonfinite_inner_steps += int(rec["inner_nonfinite"])
+            self.say(f"step {run.step}: {rec['inner_nonfinite']} inner step(s) met non-finite values and "
+                     "were skipped.")
+        if rec.get("rejected"):
+            run.rejected_steps += 1
+            self.say(f"step {run.step}: no finite line-search loss; outer step rejected (weights unchanged).")
+        line: dict[str, Any] = {
+            "step": run.step,
+            "tokens": run.tokens,
+            "loss": rec.get("loss"),
+            "lr": rec.get("lr"),
+            "grad_norm": rec.get("grad_norm"),
+            "wall": self.wall(),
+            "step_seconds": time.perf_counter() - t0,
+        }
+        line.update({k: v for k, v in rec.items() if k not in line})
+        self.write_line(line)
+        loss = rec.get("loss")
+        self.bar.set_postfix(loss=f"{loss:.4f}" if isinstance(loss, float) else loss,
+                             val=f"{run.last_val_loss:.4f}" if run.last_val_loss is not None else "-",
+                             refresh=False)
+        self.bar.update(1)
+
+    def _after_step(self, stop: GracefulStop, own_stop: bool) -> str | None:
+        """Evaluate and checkpoint when due; the reason to stop now, if any (checkpoint written)."""
+        cfg, run = self.cfg, self.run
+        last = run.step == cfg.steps
+        if last or (cfg.eval_every and run.step % cfg.eval_every == 0):
+            self.evaluate()
+        signalled = distributed.any_rank(stop.requested) and not last  # every rank agrees
+        stop_after = cfg.stop_after is not None and run.step >= cfg.stop_after and not last
+        # every rank evaluates the same weights on the same set: they agree without a collective
+        at_loss = (cfg.stop_at_loss is not None and not last and run.last_val_step == run.step
+                   and run.last_val_loss is not None and run.last_val_loss <= cfg.stop_at_loss)
+        stop_now = signalled or stop_after or at_loss
+        if last or stop_now or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):
+            self.save()
+        if not stop_now:
+            return None
+        if signalled:
+            reason = stop.reason or "a signal to another rank"
+            if self.main and own_stop:
+                self.bar.clear()
+                with contextlib.suppress(OSError):
+                    print(f"stopped at step {run.step} ({reason}); checkpoint written; "
+                          f"resume with: {resume_command(self.out)}", flush=True)
+            return reason
+        if stop_after:
+            self.say(f"stopping after step {run.step} (--stop-after); continue with --resume.")
+            return "--stop-after"
+        self.say(f"stopping after step {run.step}: validation loss {run.last_val_loss:.4f} <= "
+                 f"{cfg.stop_at_loss} (--stop-at-loss); continue with --resume and a lower "
+                 "--stop-at-loss, or none.")
+        return STOP_AT_LOSS_REASON
+
+
+def _summary(cfg: TrainConfig, parts: _Parts, run: _Run, out: Path, *, completed: bool,
+             stop_reason: str | None, wall_seconds: float) -> dict[str, Any]:
+    """``summary.json``: what the run did, its losses and target crossing, and where it ran."""
+    import gnopt
+    from gnopt.data import data_statistics
+
+    data_info = {k: _jsonable(v) for k, v in data_statistics(parts.prepared).items()}
+    data_info["cache_hit"] = bool(parts.prepared.cache_hit)
+    return {
         "optimizer": cfg.optimizer,
         "preset": cfg.preset,
         "batch_tokens": cfg.batch_tokens,
         "micro_batch_size": cfg.micro_batch_size,
         "n_micro": cfg.n_micro,
         "seq_len": cfg.seq_len,
-        "completed": not stopped_early,
+        "completed": completed,
         "stop_reason": stop_reason,
         "stop_at_loss": cfg.stop_at_loss,
         "steps": run.step,
@@ -749,13 +731,13 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
         "steps_to_target": run.steps_to_target,
         "tokens_to_target": run.tokens_to_target,
         "eval_every": cfg.eval_every,
-        "eval_tokens": eval_tokens_used,
-        "wall_seconds": wall(),
-        "n_params": n_params,
-        "vocab_size": vocab_size,
-        "device": str(device),
-        "threads": threads,
-        "world_size": world,
+        "eval_tokens": sum(int(y.numel()) for _, y in parts.val_batches),
+        "wall_seconds": wall_seconds,
+        "n_params": parts.n_params,
+        "vocab_size": parts.vocab_size,
+        "device": str(parts.device),
+        "threads": parts.threads,
+        "world_size": distributed.world_size(),
         "torch_version": torch.__version__,
         "gnopt_version": gnopt.__version__,
         "out": str(out),
@@ -763,6 +745,3 @@ def _train(cfg: TrainConfig, device: torch.device, *, resume: bool, overwrite: b
         "config": cfg.to_dict(),
         "data": data_info,
     }
-    if main:
-        atomic_write_text(out / SUMMARY_NAME, json.dumps(_jsonable(summary), indent=2) + "\n")
-    return summary

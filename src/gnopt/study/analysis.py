@@ -40,7 +40,6 @@ Definitions (all documented in the study report as well):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,6 +50,7 @@ import numpy as np
 
 from gnopt.checkpoint import STOP_AT_LOSS_REASON, read_json
 from gnopt.config import BASELINE_OPTIMIZERS
+from gnopt.run_folder import CONFIG_NAME, SUMMARY_NAME, read_metrics
 from gnopt.study.spec import RunSpec, StudySpec, plan_seed_runs
 
 #: Column order of ``runs.csv`` (and the keys of each ``runs.json`` record).
@@ -147,17 +147,8 @@ def gn_diagnostics(curve: RunCurve) -> GNDiagnostics | None:
 def read_curve(run_dir: Path) -> RunCurve:
     """Parse ``metrics.jsonl`` (a missing file or a torn last line is fine)."""
     curve = RunCurve()
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return curve
     total = 0.0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-            continue
+    for rec in read_metrics(run_dir):
         step = rec["step"]
         if rec.get("type") == "eval":
             val = rec.get("val_loss")
@@ -284,8 +275,8 @@ def read_run(run: RunSpec, study_dir: Path) -> RunResult:
     """The results of ``run`` as far as its folder holds them (:func:`analyse` fills the target fields)."""
     run_dir = study_dir / run.rel
     curve = read_curve(run_dir)
-    summary = read_json(run_dir / "summary.json")
-    config = read_json(run_dir / "config.json")
+    summary = read_json(run_dir / SUMMARY_NAME)
+    config = read_json(run_dir / CONFIG_NAME)
     same = isinstance(config, dict) and isinstance(summary, dict) and (
         summary.get("fingerprint") == config.get("fingerprint"))
     if isinstance(summary, dict) and summary.get("completed") and same:

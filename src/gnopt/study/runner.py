@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -62,6 +61,7 @@ from gnopt.checkpoint import STOP_AT_LOSS_REASON, read_json
 from gnopt.config import BASELINE_OPTIMIZERS, fingerprint, fingerprint_diff, fingerprint_fields
 from gnopt.errors import GnoptError
 from gnopt.lock import FolderLock
+from gnopt.run_folder import CHECKPOINT_NAME, CONFIG_NAME, SUMMARY_NAME, is_step, read_metrics
 from gnopt.study.analysis import StudyResults, analyse, read_curve, seed_settings
 from gnopt.study.report import require_matplotlib, write_outputs
 from gnopt.study.spec import (
@@ -104,14 +104,14 @@ def run_action(run: RunSpec, target: float | None = None) -> str:
     Raises :class:`GnoptError` when the folder holds a run with another configuration.
     """
     out = Path(run.config.out or "")
-    cfg_json = read_json(out / "config.json")
-    if not (out / "config.json").exists():
-        if (out / "checkpoint.pt").exists() or (out / "summary.json").exists():
-            raise GnoptError(f"{out} holds run files but no config.json; move it away or delete it.")
+    cfg_json = read_json(out / CONFIG_NAME)
+    if not (out / CONFIG_NAME).exists():
+        if (out / CHECKPOINT_NAME).exists() or (out / SUMMARY_NAME).exists():
+            raise GnoptError(f"{out} holds run files but no {CONFIG_NAME}; move it away or delete it.")
         return "start"
     old = cfg_json.get("config") if isinstance(cfg_json, dict) else None
     if not isinstance(old, dict):
-        raise GnoptError(f"{out / 'config.json'} is unreadable; delete {out} to run it again.")
+        raise GnoptError(f"{out / CONFIG_NAME} is unreadable; delete {out} to run it again.")
     diff = fingerprint_diff(old, fingerprint_fields(run.config))
     if diff:
         raise GnoptError(
@@ -119,7 +119,7 @@ def run_action(run: RunSpec, target: float | None = None) -> str:
             "experiment file changed since it ran. Use another --out for the new study, or delete "
             f"{out} to redo the run."
         )
-    summary = read_json(out / "summary.json")
+    summary = read_json(out / SUMMARY_NAME)
     if (isinstance(summary, dict) and summary.get("completed")
             and summary.get("fingerprint") == fingerprint(run.config)):
         return "skip"
@@ -127,7 +127,7 @@ def run_action(run: RunSpec, target: float | None = None) -> str:
             and summary.get("fingerprint") == fingerprint(run.config)
             and any(v <= target for _, _, v in read_curve(out).evals)):
         return "skip"
-    return "resume" if (out / "checkpoint.pt").exists() else "restart"
+    return "resume" if (out / CHECKPOINT_NAME).exists() else "restart"
 
 
 def _finished(summary: dict[str, Any]) -> bool:
@@ -182,17 +182,8 @@ def _duration(seconds: float | None) -> str:
 
 def _steps_done(run: RunSpec) -> int:
     """Steps already logged by a partial run (0 when none)."""
-    path = Path(run.config.out or "") / "metrics.jsonl"
-    last = 0
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "type" not in rec and isinstance(rec.get("step"), int):
-                last = max(last, rec["step"])
-    return last
+    steps = [rec["step"] for rec in read_metrics(Path(run.config.out or "")) if is_step(rec)]
+    return max(steps, default=0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -253,7 +244,7 @@ _WORKER: _Worker | None = None
 
 def _worker_init(stop_event: Any, study_pid: int) -> None:
     """Initializer of the worker processes of ``--jobs`` (see :class:`_Worker`)."""
-    from gnopt.train import STOP_SIGNALS
+    from gnopt.stopping import STOP_SIGNALS
 
     global _WORKER
     # Between runs the study process alone decides (it forwards a stop through ``stop_event``); during a
@@ -284,7 +275,7 @@ def _stop_signals_held() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):  # not POSIX
         yield
         return
-    from gnopt.train import STOP_SIGNALS
+    from gnopt.stopping import STOP_SIGNALS
 
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
@@ -295,7 +286,7 @@ def _stop_signals_held() -> Iterator[None]:
 
 def _execute_in_worker(cfg_dict: dict[str, Any], action: str) -> dict[str, Any]:
     """A worker's task: the run, stoppable by the study (``{"started": False}``: the study stopped first)."""
-    from gnopt.train import GracefulStop
+    from gnopt.stopping import GracefulStop
 
     worker = _WORKER
     assert worker is not None, "_execute_in_worker runs in the workers of StudyRunner._run_parallel"
@@ -423,7 +414,7 @@ class StudyRunner:
     def _seed_costs(self, actions: Sequence[tuple[RunSpec, str]]) -> None:
         for run, action in actions:
             if action == "skip":
-                s = read_json(Path(run.config.out or "") / "summary.json")
+                s = read_json(Path(run.config.out or "") / SUMMARY_NAME)
                 if isinstance(s, dict) and isinstance(s.get("wall_seconds"), (int, float)):
                     self.cost.add(run.method, run.optimizer, float(s["wall_seconds"]), int(s.get("steps", 0)),
                                   run.batch_tokens)
@@ -479,7 +470,7 @@ class StudyRunner:
         """Run (or continue) the study, then write the outputs; returns the analysed results, or None when
         the study was stopped (SIGTERM / SIGINT / SIGHUP: see the module docstring) before every run was
         done."""
-        from gnopt.train import GracefulStop
+        from gnopt.stopping import GracefulStop
 
         if self.opt.plots:
             require_matplotlib()  # fail now, not after hours of training
