@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,21 +22,15 @@ from typing import Any
 
 import pytest
 import torch
+from _helpers import env_without_dist, free_port, read_metrics
 
 import gnopt.distributed as distributed
 from gnopt.config import TrainConfig
 from gnopt.errors import GnoptError
 
-ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 OPTIMIZERS = ("adamw", "muon", "gn", "gn-layerwise")
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tiny_cfg(corpus: Path, out: Path, optimizer: str, **kw: Any) -> TrainConfig:
@@ -48,10 +41,6 @@ def tiny_cfg(corpus: Path, out: Path, optimizer: str, **kw: Any) -> TrainConfig:
     )
     values.update(kw)
     return TrainConfig(**values)
-
-
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _float64_and_capture(captured: dict[str, Any]) -> None:
@@ -158,13 +147,6 @@ def test_two_gloo_processes_equal_one_process(corpus: Path, tmp_path: Path,
         assert summary["world_size"] == 2 and summary["steps"] == STEPS
 
 
-def _env_without_dist() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(ROOT / "src")
-    return env
-
-
 def cli_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(corpus), "--preset", "tiny", "--tokenizer", "bytes", "--optimizer", "gn",
             "--steps", str(STEPS), "--batch-tokens", "256", "--micro-batch-size", "4", "--eval-every", "1",
@@ -179,7 +161,7 @@ def test_torchrun_cli_matches_one_process(corpus: Path, tmp_path: Path) -> None:
     launcher = [str(torchrun)] if torchrun.exists() else [PYTHON, "-m", "torch.distributed.run"]
     cmd = [*launcher, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "gnopt",
            *cli_args(corpus, tmp_path / "dp")]
-    proc = subprocess.Popen(cmd, env=_env_without_dist(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env_without_dist(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     assert main(cli_args(corpus, tmp_path / "ref")) == 0  # the reference runs meanwhile
     stdout, stderr = proc.communicate(timeout=180)
@@ -208,7 +190,7 @@ def test_a_dead_or_hung_rank_makes_the_other_exit_with_a_clear_error(corpus: Pat
     args = cli_args(corpus, out, "--steps", "200", "--ckpt-every", "1", "--dist-timeout", str(timeout))
     procs = []
     for rank in (0, 1):
-        env = _env_without_dist()
+        env = env_without_dist()
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
         procs.append(subprocess.Popen([PYTHON, "-m", "gnopt", *args], env=env, stdout=subprocess.PIPE,

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from _helpers import read_metrics
 
 import gnopt.train as train_mod
 from gnopt.checkpoint import TEST_WRITE_DELAY_ENV, load_checkpoint
@@ -40,10 +41,6 @@ def gn_args(corpus: Path, out: Path, *extra: str) -> list[str]:
             "--steps", str(STEPS), "--batch-tokens", "256", "--micro-batch-size", "4", "--eval-every", "3",
             "--eval-tokens", "1024", "--threads", "1", "--ckpt-every", "1", "--quiet", "--out", str(out),
             *extra]
-
-
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(out: Path) -> list[tuple[Any, ...]]:
@@ -85,6 +82,7 @@ def kill9(proc: subprocess.Popen[str]) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # faster: test_train's atomic write and crash-resume tests, and the kill -9 + resume below
 def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(corpus: Path, tmp_path: Path,
                                                                  reference: Path) -> None:
     out = tmp_path / "run"
@@ -125,7 +123,10 @@ def load_checkpoint_step(out: Path) -> int:
         return -1
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+# SIGINT takes the same path as SIGTERM (one GracefulStop handler; test_a_second_signal_... covers what
+# differs): slow.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_sigterm_or_sigint_checkpoints_exits_0_and_resumes_exactly(
         corpus: Path, tmp_path: Path, reference: Path, sig: signal.Signals) -> None:
     out = tmp_path / "run"

@@ -33,6 +33,7 @@ from _gn_reference import (
     tiny_mlp,
     unflat,
 )
+from _helpers import rel_err, theta_flat
 from torch import Tensor, nn
 
 from gnopt.errors import GnoptError
@@ -53,15 +54,6 @@ F64 = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores: one thread
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    """max |a − b| / max |b| (b is the reference)."""
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
-
-def theta_flat(model: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
 def theta_hat_flat(gn: GaussNewton, names: list[str]) -> Tensor:

@@ -28,6 +28,7 @@ from _gn_reference import (
     tiny_mlp,
     unflat,
 )
+from _helpers import rel_err
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -55,11 +56,6 @@ def _float64_single_thread():
     yield
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    """max |a − b| / max |b| (b is the reference)."""
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 # Blocks used to exercise block-restricted tangents / reverse passes (layerwise GN).

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from _gn_reference import CASES, Case, dense, flat, jacobi_sgd, llama_batch, names_of, params_of
-from torch import Tensor, nn
+from _helpers import rel_err, theta_flat
+from torch import Tensor
 
 from gnopt.errors import GnoptError
 from gnopt.optim import CG, GaussNewton, LineSearch, TorchOptimizer, model_autocast
@@ -52,14 +53,6 @@ MODELS = {"llama": hf_llama, "gpt2": hf_gpt2}
 #: products carry float32 rounding; GPT-2 stays float64 throughout.
 TOL = {"llama": 1e-6, "gpt2": 1e-10}
 CE: Case = CASES["llama_ce_masked"]  # token-mean CE with ignored targets, reference value and Hessian
-
-
-def theta_flat(model: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 def test_partition_finds_the_decoder_layers() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import tomli_w
 import torch
+from _helpers import read_metrics
 
 import gnopt.checkpoint as checkpoint_mod
 import gnopt.train as train_mod
@@ -29,10 +30,6 @@ def tiny_args(corpus: Path, out: Path, *extra: str) -> list[str]:
         "--steps", "6", "--batch-tokens", "256", "--micro-batch-size", "4", "--eval-every", "2",
         "--eval-tokens", "1024", "--threads", "1", "--quiet", "--out", str(out), *extra,
     ]
-
-
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -179,7 +176,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert "pip install -c constraints.txt -e '.[dev]'" in lines
     assert "pip install -c constraints.txt --no-deps curvlinops-for-pytorch==3.0.1" in lines
     assert "ruff check src tests benchmarks" in lines
-    assert lines[-1] == test_cmd == "pytest -q"
+    assert lines[-1] == test_cmd == "pytest -q --durations=20"  # the slowest tests, in every CI log
 
 
 def test_readme_main_command_runs_at_smoke_size(tmp_path: Path,
