@@ -114,6 +114,17 @@ class _Hidden(nn.Module):
         return self.inner(x)
 
 
+def _problem(model: nn.Module, seed: int) -> tuple[dict[str, torch.Tensor], list[str], torch.Tensor,
+                                                  torch.Tensor, dict[str, torch.Tensor]]:
+    """The trainable parameters, their names, tokens x, a float64 cotangent r and a float64 tangent."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 40, (3, 12), generator=gen)
+    r = torch.randn(3, 12, 40, generator=gen, dtype=F64)
+    tangent = {n: torch.randn(p.shape, generator=gen, dtype=F64) for n, p in params.items()}
+    return params, list(params), x, r, tangent
+
+
 def _freeze_norm(model: nn.Module) -> None:
     model.norm.weight.requires_grad_(False)  # type: ignore[union-attr]
     model.blocks[0].attn.wq.weight.requires_grad_(False)  # type: ignore[index,union-attr]
@@ -142,12 +153,7 @@ def test_frozen_and_tied_parameters_take_the_fast_path_and_match_forward_mode_ad
     GN take the same steps as on the generic path (the frozen parameters stay put)."""
     model = _model("sdpa")
     change(model)
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    names = list(params)
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randint(0, 40, (3, 12), generator=gen)
-    r = torch.randn(3, 12, 40, generator=gen, dtype=F64)
-    tangent = {n: torch.randn(p.shape, generator=gen, dtype=F64) for n, p in params.items()}
+    params, names, x, r, tangent = _problem(model, seed=4)
     z0, u0 = jvp(model, params, x, tangent, generic=True)
     z, leaves, u = forward_with_graph_and_tangent(model, params, x, names, tangent)
     assert float((z.detach() - z0).abs().max()) < 1e-12
@@ -237,12 +243,7 @@ def test_a_changed_model_gets_the_tangent_of_the_function_it_computes(change: st
     function the model computes, i.e. equal to forward-mode AD of ``model(x)``; and GN's steps equal those
     of the generic path."""
     model = CHANGES[change](_model("sdpa"))
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    names = list(params)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randint(0, 40, (3, 12), generator=gen)
-    r = torch.randn(3, 12, 40, generator=gen, dtype=F64)
-    tangent = {n: torch.randn(p.shape, generator=gen, dtype=F64) for n, p in params.items()}
+    params, names, x, r, tangent = _problem(model, seed=5)
     z0, u0 = jvp(model, params, x, tangent, generic=True)
     assert float((z0 - model(x).detach()).abs().max()) < 1e-12
     z, leaves, u = forward_with_graph_and_tangent(model, params, x, names, tangent)

@@ -40,9 +40,6 @@ CHECKPOINT_FORMAT = 1
 TEST_WRITE_DELAY_ENV = "GNOPT_TEST_CHECKPOINT_WRITE_DELAY"
 
 
-#: ``summary.json`` ``stop_reason`` of a run that stopped at its ``stop_at_loss`` (:mod:`gnopt.train`).
-STOP_AT_LOSS_REASON = "stop_at_loss"
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

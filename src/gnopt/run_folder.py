@@ -23,6 +23,8 @@ SUMMARY_NAME = "summary.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 #: The files a run owns in its output directory (``--overwrite`` deletes these and nothing else).
 RUN_FILES: tuple[str, ...] = (CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, CHECKPOINT_NAME)
+#: ``summary.json`` ``stop_reason`` of a run that stopped at its ``stop_at_loss`` (:mod:`gnopt.train`).
+STOP_AT_LOSS_REASON = "stop_at_loss"
 
 
 def iter_metrics(run_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -62,7 +62,6 @@ from torch import Tensor, nn
 
 from gnopt import distributed
 from gnopt.checkpoint import (
-    STOP_AT_LOSS_REASON,
     atomic_write_text,
     load_checkpoint,
     read_json,
@@ -75,7 +74,15 @@ from gnopt.config import TrainConfig, fingerprint, fingerprint_diff, fingerprint
 from gnopt.errors import GnoptError
 from gnopt.lock import FolderLock
 from gnopt.precision import check_supported, matmul_precision
-from gnopt.run_folder import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RUN_FILES, SUMMARY_NAME, iter_metrics
+from gnopt.run_folder import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    METRICS_NAME,
+    RUN_FILES,
+    STOP_AT_LOSS_REASON,
+    SUMMARY_NAME,
+    iter_metrics,
+)
 from gnopt.steppers import Stepper, build_stepper, forward, lm_loss
 from gnopt.stopping import STOP_SIGNALS as STOP_SIGNALS  # re-exported: the stop lives in gnopt.stopping
 from gnopt.stopping import GracefulStop

@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from gnopt.checkpoint import STOP_AT_LOSS_REASON, read_json
+from gnopt.checkpoint import read_json
 from gnopt.config import BASELINE_OPTIMIZERS
-from gnopt.run_folder import CONFIG_NAME, SUMMARY_NAME, read_metrics
+from gnopt.run_folder import CONFIG_NAME, STOP_AT_LOSS_REASON, SUMMARY_NAME, read_metrics
 from gnopt.study.spec import RunSpec, StudySpec, plan_seed_runs
 
 #: Column order of ``runs.csv`` (and the keys of each ``runs.json`` record).

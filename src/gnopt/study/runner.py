@@ -57,11 +57,18 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from gnopt.checkpoint import STOP_AT_LOSS_REASON, read_json
+from gnopt.checkpoint import read_json
 from gnopt.config import BASELINE_OPTIMIZERS, fingerprint, fingerprint_diff, fingerprint_fields
 from gnopt.errors import GnoptError
 from gnopt.lock import FolderLock
-from gnopt.run_folder import CHECKPOINT_NAME, CONFIG_NAME, SUMMARY_NAME, is_step, read_metrics
+from gnopt.run_folder import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    STOP_AT_LOSS_REASON,
+    SUMMARY_NAME,
+    is_step,
+    read_metrics,
+)
 from gnopt.study.analysis import StudyResults, analyse, read_curve, seed_settings
 from gnopt.study.report import require_matplotlib, write_outputs
 from gnopt.study.spec import (
@@ -391,11 +398,14 @@ class StudyRunner:
                 self.say(f"target {self.target:.4f} (auto, from the {len(defining)} baseline runs at the "
                          "largest batch): every other run stops at its first evaluation at or below it")
 
-    def _reached(self, run: RunSpec, action: str) -> bool:
+    def _reached(self, idx: int, n: int, run: RunSpec, action: str) -> bool:
         """A run planned for resumption before the target was known, that turns out to have stopped at or
-        below it (``stop_at_target``: the target is settled while the study runs)."""
-        return (action == "resume" and self.stop_loss(run) is not None
-                and run_action(run, self.target) == "skip")
+        below it (``stop_at_target``: the target is settled while the study runs); says so."""
+        reached = (action == "resume" and self.stop_loss(run) is not None
+                   and run_action(run, self.target) == "skip")
+        if reached:
+            self.say(f"run {idx}/{n} {run.label}: already at the target {self.target}, skipped")
+        return reached
 
     def _ordered(self, pending: list[tuple[int, RunSpec, str]]) -> list[tuple[int, RunSpec, str]]:
         """With ``stop_at_target``: the runs that set the target first, then the baselines' other runs, then
@@ -574,9 +584,8 @@ class StudyRunner:
         for k, (idx, r, a) in enumerate(pending):
             if stop.requested:
                 break
-            if self._reached(r, a):
+            if self._reached(idx, n, r, a):
                 finished += 1
-                self.say(f"run {idx}/{n} {r.label}: already at the target {self.target}, skipped")
                 continue
             summary = self._run_one(idx, n, r, a, [p[1] for p in pending[k + 1:]], self.opt.threads, stop)
             if not _finished(summary):
@@ -657,9 +666,8 @@ class StudyRunner:
             while queue or running:
                 while queue and len(running) < self.opt.jobs and not (halt or stop.requested):
                     idx, r, a = queue.pop(0)
-                    if self._reached(r, a):
+                    if self._reached(idx, n, r, a):
                         finished += 1
-                        self.say(f"run {idx}/{n} {r.label}: already at the target {self.target}, skipped")
                         continue
                     self._start_line(idx, n, r, a, [q[1] for q in queue])
                     with _stop_signals_held():  # the pool may start a worker here
