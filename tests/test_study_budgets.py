@@ -153,9 +153,9 @@ def test_new_experiment_keys_are_validated(tmp_path: Path, extra: str, adamw_lr:
 # ------------------------------------------------------------------------------------------------------
 
 
-def _run(exp: Path, out: Path, jobs: int = 1) -> StudyRunner:
+def _run(exp: Path, out: Path, jobs: int = 1, said: list[str] | None = None) -> StudyRunner:
     runner = StudyRunner(load_spec(exp), StudyOptions(out=out, threads=1, jobs=jobs, quiet=True, plots=False),
-                         say=lambda line: None)
+                         say=(said.append if said is not None else lambda line: None))
     runner.run()
     return runner
 
@@ -163,10 +163,16 @@ def _run(exp: Path, out: Path, jobs: int = 1) -> StudyRunner:
 def test_stop_at_target_measures_what_full_runs_measure(tmp_path: Path) -> None:
     """A study that stops its runs at the target finds the same target, the same steps/passes to target of
     every run and the same best settings as the same study run to the end, for fewer steps."""
+    said_full: list[str] = []
+    said_cut: list[str] = []
     full = _run(_write(tmp_path, extra="seeds = [0, 1]\nseed_batch_tokens = 256", name="full.toml"),
-                tmp_path / "full")
+                tmp_path / "full", said=said_full)
     cut = _run(_write(tmp_path, extra="seeds = [0, 1]\nseed_batch_tokens = 256\nstop_at_target = true",
-                      name="cut.toml"), tmp_path / "cut")
+                      name="cut.toml"), tmp_path / "cut", said=said_cut)
+    # the ETA counts whole budgets: with stopping it is an upper bound and says so
+    assert any("study ETA at most " in line for line in said_cut)
+    assert any("study ETA " in line for line in said_full)
+    assert not any("study ETA at most" in line for line in said_full)
     # (one job: with --jobs 2 a run may start beside the last target run, before the target is known, and
     # then rightly runs to its end; which run that is depends on timing)
     a = analyse(full.spec, full.out, full.all_runs, full.warmup)

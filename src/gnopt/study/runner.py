@@ -34,7 +34,8 @@ Progress: one line per run start and end, with the estimated time left for the w
 ``--jobs`` > 1, whose workers are quiet, a line every minute with the step each run in flight is at). The
 estimate uses the measured seconds per (step × batch token) of each method's finished runs (cost grows
 linearly in the batch for every method); a method without a finished run yet is estimated from the
-measured ones and a rough relative-cost prior (:data:`COST_PRIORS`).
+measured ones and a rough relative-cost prior (:data:`COST_PRIORS`). With ``stop_at_target`` the estimate
+counts every run's whole budget and is said as "at most": runs that reach the target stop sooner.
 """
 
 from __future__ import annotations
@@ -440,6 +441,13 @@ class StudyRunner:
             total += e
         return total / self.opt.jobs
 
+    def _eta_text(self, eta: float | None) -> str:
+        """``eta`` as the progress lines say it. With ``stop_at_target`` it is an upper bound: it counts every
+        run's whole budget, and a run that reaches the target stops sooner by an amount no one knows yet."""
+        if eta is not None and self.spec.stop_at_target:
+            return f"at most {_duration(eta)}"
+        return _duration(eta)
+
     def dry_run(self) -> list[tuple[RunSpec, str]]:
         """Print the plan (and the estimate where runs have been measured; for the ``45m`` / ``150m``
         presets also an estimate in GPU-hours from the measured GPU costs); runs nothing, reads no data."""
@@ -467,8 +475,8 @@ class StudyRunner:
         tokens = sum(r.steps * r.batch_tokens for r in todo + seeds_todo)
         self.say(f"{len(todo) + len(seeds_todo)} of {len(acts) + len(self.seed_standins)} runs to do"
                  + (f" (at most; {len(seeds_todo)} seed runs)" if self.seed_standins and todo else "")
-                 + f", {tokens:,} training tokens; estimated "
-                 f"{_duration(self.eta(todo))}" + ("" if self.cost.seconds else " (no measured run yet)"))
+                 + f", {tokens:,} training tokens; estimated {self._eta_text(self.eta(todo))}"
+                 + ("" if self.cost.seconds else " (no measured run yet)"))
         preset = self.warmup.config.preset
         if todo and preset in GPU_PRESETS:
             for line in format_estimate(todo, preset):
@@ -609,7 +617,7 @@ class StudyRunner:
                 "restart": "restart"}[action]
         eta = self.eta(rest, [run])
         self.say(f"run {idx}/{n} {verb} {run.label}: {run.steps} steps x {run.config.n_micro} micro-batches "
-                 f"| elapsed {_duration(time.perf_counter() - self.t0)}, study ETA {_duration(eta)}")
+                 f"| elapsed {_duration(time.perf_counter() - self.t0)}, study ETA {self._eta_text(eta)}")
 
     def _end_line(self, idx: int, n: int, run: RunSpec, summary: dict[str, Any], rest: Sequence[RunSpec],
                   running: Sequence[RunSpec] = ()) -> None:
@@ -626,7 +634,7 @@ class StudyRunner:
                  f"({wall / max(steps, 1):.2f} s/step), "
                  + (f"stopped at the target with val loss {final_s}" if at_target
                     else f"final val loss {final_s}")
-                 + f" | elapsed {_duration(time.perf_counter() - self.t0)}, study ETA {_duration(eta)}")
+                 + f" | elapsed {_duration(time.perf_counter() - self.t0)}, study ETA {self._eta_text(eta)}")
 
     def _stopped_line(self, idx: int, n: int, run: RunSpec, summary: dict[str, Any]) -> None:
         why = summary.get("stop_reason")
@@ -681,7 +689,7 @@ class StudyRunner:
                                       for i, r in running.values())
                     eta = self.eta([q[1] for q in queue], [v[1] for v in running.values()])
                     self.say(f"{where} | elapsed {_duration(time.perf_counter() - self.t0)}, study ETA "
-                             f"{_duration(eta)}")
+                             f"{self._eta_text(eta)}")
                 for fut in done:
                     idx, r = running.pop(fut)
                     summary = fut.result()  # a worker's GnoptError / bug surfaces here
