@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -14,7 +15,8 @@ from gnopt.baselines import (
     lr_multiplier,
     route_hidden_matrices,
 )
-from gnopt.config import TrainConfig, resolve
+from gnopt.config import TrainConfig, fingerprint, fingerprint_fields, resolve
+from gnopt.errors import GnoptError
 from gnopt.model import build_model
 from gnopt.steppers import BaselineStepper, accumulate_gradients, build_stepper, lm_loss
 
@@ -123,6 +125,39 @@ def test_shampoo_routes_like_muon_and_soap_takes_everything() -> None:
     ((label, soap),) = build_baseline_optimizers(tiny_cfg(optimizer="soap"), model)
     n_soap = sum(len(g["params"]) for g in soap.param_groups)
     assert label == "soap" and n_soap == len(list(model.parameters()))
+
+
+def test_soap_precondition_frequency_sets_when_the_eigenbasis_is_refreshed() -> None:
+    """pytorch-optimizer's SOAP skips its first step (it only builds the preconditioner) and refreshes its
+    eigenbasis after every ``precondition_frequency``-th update: with 1 the run equals the default (10) for
+    two steps, then the third step, taken in the refreshed basis, differs."""
+    torch.manual_seed(0)
+    init = build_model("tiny").state_dict()
+    data = pattern_batches(2, seed=1)
+    params = {}
+    for freq in (10, 1):
+        model = build_model("tiny")
+        model.load_state_dict(init)
+        cfg = tiny_cfg(optimizer="soap", soap_precondition_frequency=freq)
+        stepper = build_stepper(cfg, model)
+        ((_, soap),) = build_baseline_optimizers(cfg, build_model("tiny"))
+        assert soap.param_groups[0]["precondition_frequency"] == freq
+        params[freq] = []
+        for _ in range(3):
+            stepper.step(iter(data))
+            params[freq].append([p.detach().clone() for p in model.parameters()])
+    for k in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(params[10][k], params[1][k], strict=True)), k
+    assert not all(torch.equal(a, b) for a, b in zip(params[10][2], params[1][2], strict=True))
+
+
+def test_soap_precondition_frequency_is_validated_and_keeps_old_fingerprints() -> None:
+    cfg = tiny_cfg(optimizer="soap")
+    assert cfg.soap_precondition_frequency == 10
+    assert "soap_precondition_frequency" not in fingerprint_fields(cfg)  # runs recorded before it existed
+    assert fingerprint(dataclasses.replace(cfg, soap_precondition_frequency=1)) != fingerprint(cfg)
+    with pytest.raises(GnoptError, match="soap_precondition_frequency must be a positive integer"):
+        tiny_cfg(optimizer="soap", soap_precondition_frequency=0)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -56,9 +56,9 @@ MUON_MOMENTUM = 0.95
 #: AdamW betas of every baseline AdamW group: the usual LLM setting (GPT-3, LLaMA, nanoGPT).
 ADAMW_BETAS: tuple[float, float] = (0.9, 0.95)
 ADAMW_EPS = 1e-8
-#: SOAP hyper-parameters (the SOAP paper's defaults, as shipped by pytorch-optimizer).
+#: SOAP betas (the SOAP paper's defaults, as shipped by pytorch-optimizer). Its precondition frequency is
+#: ``TrainConfig.soap_precondition_frequency`` (default 10, the same source's).
 SOAP_BETAS: tuple[float, float] = (0.95, 0.95)
-SOAP_PRECONDITION_FREQUENCY = 10
 
 NamedParams = Sequence[tuple[str, Tensor]]
 
@@ -119,7 +119,7 @@ def build_baseline_optimizers(cfg: TrainConfig, model: nn.Module) -> list[tuple[
         from pytorch_optimizer import SOAP
 
         groups = decay_groups(list(model.named_parameters()), wd)
-        opt = SOAP(groups, lr=lr, betas=SOAP_BETAS, precondition_frequency=SOAP_PRECONDITION_FREQUENCY)
+        opt = SOAP(groups, lr=lr, betas=SOAP_BETAS, precondition_frequency=cfg.soap_precondition_frequency)
         return [("soap", opt)]
     if name in ("muon", "shampoo"):
         assert cfg.adam_lr is not None

@@ -58,6 +58,8 @@ FIELD_HELP: dict[str, str] = {
     "schedule": f"decay after warmup: {', '.join(SCHEDULES)}",
     "min_lr_ratio": "final learning rate as a fraction of the peak (cosine/linear)",
     "grad_clip": "global gradient-norm clip, 0 = off",
+    "soap_precondition_frequency": "SOAP (the baseline and GN's inner soap): steps between refreshes of its "
+    "eigenbasis (default 10, the SOAP paper's and arXiv 2510.09378's; 1 = every step, for runs of few steps)",
     "skip_nonfinite": "skip (and log) a step whose gradient norm is not finite",
     "steps": "optimizer steps",
     "batch_tokens": "tokens per optimizer step, a multiple of micro-batch-size × seq-len (default: the "

@@ -89,6 +89,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "ls_kind": "grid",
     "ls_fraction": 0.125,
     "warm_scale": False,
+    "soap_precondition_frequency": 10,
 }
 
 
@@ -123,6 +124,7 @@ class TrainConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # global-norm clip; 0 disables clipping (the norm is still logged)
+    soap_precondition_frequency: int = 10  # SOAP (baseline and GN inner): steps between eigenbasis refreshes
     skip_nonfinite: bool = True
     # --- budget and batches ------------------------------------------------------------------------
     steps: int = 200
@@ -400,6 +402,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             f"max_tokens streams a Hugging Face dataset: data must be hf:NAME[:CONFIG][:SPLIT] (hf:PATH for "
             f"a local file), got {r.data!r}."
         )
+    if r.soap_precondition_frequency < 1:
+        raise GnoptError("soap_precondition_frequency must be a positive integer (steps between refreshes "
+                         f"of SOAP's eigenbasis), got {r.soap_precondition_frequency}.")
     if r.ls_batches is not None and r.ls_batches < 1:
         raise GnoptError(f"ls_batches must be a positive integer, got {r.ls_batches}.")
     for name in ("eval_every", "ckpt_every", "seed"):

@@ -48,9 +48,10 @@ def build_inner(cfg: TrainConfig) -> InnerOptimizer | CG:
     if kind in ("soap", "shampoo"):
         import pytorch_optimizer
 
-        lr = cfg.lr
+        lr, freq = cfg.lr, cfg.soap_precondition_frequency
         if kind == "soap":
-            return TorchOptimizer(lambda ps: pytorch_optimizer.SOAP(ps, lr=lr, weight_decay=0.0))
+            return TorchOptimizer(lambda ps: pytorch_optimizer.SOAP(ps, lr=lr, weight_decay=0.0,
+                                                                    precondition_frequency=freq))
         return TorchOptimizer(lambda ps: pytorch_optimizer.Shampoo(ps, lr=lr))
     if kind == "cg":
         return CG(tol=cfg.cg_tol, max_iters=cfg.cg_max_iters)
