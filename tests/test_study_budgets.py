@@ -168,13 +168,14 @@ def test_stop_at_target_measures_what_full_runs_measure(tmp_path: Path) -> None:
     full = _run(_write(tmp_path, extra="seeds = [0, 1]\nseed_batch_tokens = 256", name="full.toml"),
                 tmp_path / "full", said=said_full)
     cut = _run(_write(tmp_path, extra="seeds = [0, 1]\nseed_batch_tokens = 256\nstop_at_target = true",
-                      name="cut.toml"), tmp_path / "cut", said=said_cut)
+                      name="cut.toml"), tmp_path / "cut", jobs=2, said=said_cut)
     # the ETA counts whole budgets: with stopping it is an upper bound and says so
     assert any("study ETA at most " in line for line in said_cut)
     assert any("study ETA " in line for line in said_full)
     assert not any("study ETA at most" in line for line in said_full)
-    # (one job: with --jobs 2 a run may start beside the last target run, before the target is known, and
-    # then rightly runs to its end; which run that is depends on timing)
+    # two jobs: the two target runs start together; the next run waits for them instead of starting beside
+    # them without a target (it would run to its end), so every other run stops at the target below
+    assert sum("waits for the runs that set the target" in line for line in said_cut) == 1
     a = analyse(full.spec, full.out, full.all_runs, full.warmup)
     b = analyse(cut.spec, cut.out, cut.all_runs, cut.warmup)
     assert a.target_loss is not None and a.target_loss == b.target_loss == cut.target
@@ -216,7 +217,14 @@ def test_defining_runs_run_first_and_never_stop(tmp_path: Path) -> None:
     order = [(r.method, r.batch_tokens) for _, r, _ in runner._ordered(pending)]
     assert order[:2] == [("adamw", 512), ("adamw", 512)] and order[2:4] == [("adamw", 256), ("adamw", 256)]
     assert {m for m, _ in order[4:]} == {"gn"}
+    # while a target run is in flight and the target unknown, a run that is to stop at it waits
+    defining = [r for _, r, _ in runner._ordered(pending)][:2]
+    others = [r for r in runner.runs if r not in defining]
+    assert all(runner._waits_for_target(r, defining[:1]) for r in others)
+    assert not any(runner._waits_for_target(r, others[:1]) for r in others)  # no target run in flight
+    assert not runner._waits_for_target(defining[1], defining[:1])  # a target run never waits
     runner.target = 3.0
+    assert not any(runner._waits_for_target(r, defining[:1]) for r in others)
     assert [runner.stop_loss(r) for r in runner.runs] == [3.0, 3.0, None, None, 3.0, 3.0, 3.0, 3.0]
     # a declared target needs no defining runs: every run stops at it
     declared = load_spec(_write(tmp_path, extra="stop_at_target = true\ntarget_loss = 4.5", name="d.toml"))

@@ -408,6 +408,16 @@ class StudyRunner:
             self.say(f"run {idx}/{n} {run.label}: already at the target {self.target}, skipped")
         return reached
 
+    def _waits_for_target(self, run: RunSpec, running: Sequence[RunSpec]) -> bool:
+        """With ``stop_at_target`` and an ``"auto"`` target not known yet: whether ``run``, which is to stop
+        at the target, must wait for the runs in flight that set it. Started now it would run unstopped, to
+        the end of its budget, and a run that had stopped at the target of an earlier pass (before a wider
+        grid added a run that sets it) would be continued to its end: work that the target, once known,
+        makes useless. Waiting leaves at most the slots beside the last target runs idle until they end."""
+        return (self.spec.stop_at_target and self.target is None and run.method != "warmup"
+                and not self.spec.defines_target(run)
+                and any(self.spec.defines_target(r) for r in running))
+
     def _ordered(self, pending: list[tuple[int, RunSpec, str]]) -> list[tuple[int, RunSpec, str]]:
         """With ``stop_at_target``: the runs that set the target first, then the baselines' other runs, then
         the GN methods' (which gain the most from stopping at a known target); else the plan's order."""
@@ -668,11 +678,18 @@ class StudyRunner:
         running: dict[Future[dict[str, Any]], tuple[int, RunSpec]] = {}
         finished, stopped = 0, []
         halt = False  # a run stopped by a signal to its worker alone: start no new run
+        waiting_said = False
         pool = ProcessPoolExecutor(max_workers=self.opt.jobs, mp_context=ctx, initializer=_worker_init,
                                    initargs=(stop_event, os.getpid()))
         try:
             while queue or running:
                 while queue and len(running) < self.opt.jobs and not (halt or stop.requested):
+                    if self._waits_for_target(queue[0][1], [v[1] for v in running.values()]):
+                        if not waiting_said:
+                            self.say(f"run {queue[0][0]}/{n} {queue[0][1].label} waits for the runs that set "
+                                     "the target (started now, it would run unstopped)")
+                            waiting_said = True
+                        break
                     idx, r, a = queue.pop(0)
                     if self._reached(idx, n, r, a):
                         finished += 1

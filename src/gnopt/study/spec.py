@@ -70,14 +70,16 @@ steps, passes and wall time to target per seed and each headline ratio as the me
 largest is too expensive to repeat.
 
 **Stopping at the target** (``stop_at_target = true``): a run that has reached the target has measured what
-the study compares (steps, tokens, passes and wall time to target); the rest of its budget only buys its
-final loss. With this option the study first runs the runs that set an ``"auto"`` target (every baseline's
-sweep at the largest batch: they always run to the end), then starts every other run with
-``stop_at_loss`` = the target, so it stops (with a checkpoint) after its first evaluation at or below it.
-Its steps to target are those of the full run (its schedule is the full budget's: stopping does not change
-any step it took); its "final" loss is its loss where it stopped. If the target later moves lower (a wider
-grid at the largest batch), the study resumes those runs from their checkpoints until they reach the new
-one. ``stop_at_loss`` is a run-control field: it is not part of a run's fingerprint.
+the study compares (steps, tokens, passes and wall time to target); the rest of its budget only buys its final
+loss. With this option the study first runs the runs that set an ``"auto"`` target (every baseline's sweep at
+the largest batch: they always run to the end), then starts every other run with ``stop_at_loss`` = the
+target, so it stops (with a checkpoint) after its first evaluation at or below it. With ``--jobs`` above 1 no
+such run starts while a run that sets the target is still in flight (started then, it would run unstopped to
+its end): the free slots wait for the target. A stopped run's steps to target are those of the full run (its
+schedule is the full budget's: stopping does not change any step it took); its "final" loss is its loss where
+it stopped. If the target later moves lower (a wider grid at the largest batch), the study resumes those runs
+from their checkpoints until they reach the new one. ``stop_at_loss`` is a run-control field: it is not part
+of a run's fingerprint.
 """
 
 from __future__ import annotations
