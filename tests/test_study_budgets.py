@@ -289,3 +289,14 @@ def test_new_keys_keep_old_fingerprints(tmp_path: Path) -> None:
         fingerprint(r.config) for r in plan_runs(spec2, out)]
     cfg = plan_runs(spec, out)[0].config
     assert fingerprint(dataclasses.replace(cfg, stop_at_loss=3.0)) == fingerprint(cfg)
+
+
+def test_report_states_the_warm_starts_real_share(tmp_path: Path) -> None:
+    """The protocol table gives the warm start's tokens over a run's budget at the largest batch, also when
+    [warmup] sets its own steps (it used to print warmup_fraction, 5%, whatever the warm start was)."""
+    from gnopt.study.report import _warm_start_share
+
+    spec = load_spec(_write(tmp_path))  # largest batch 512 tokens x 6 steps = 3072 tokens
+    assert _warm_start_share(spec, 3072) == "100% of a run's budget at the largest batch"
+    assert _warm_start_share(spec, 307) == "10% of a run's budget at the largest batch"
+    assert _warm_start_share(spec, spec.warmup_tokens()).startswith("5% ")

@@ -26,6 +26,7 @@ from gnopt.study.analysis import (
     SeedRatio,
     StudyResults,
 )
+from gnopt.study.spec import StudySpec
 
 RUNS_CSV = "runs.csv"
 RUNS_JSON = "runs.json"
@@ -79,6 +80,13 @@ def _fmt(v: Any, kind: str = "g") -> str:
     if isinstance(v, int):
         return f"{v:,}" if kind == "int" else str(v)
     return str(v)
+
+
+def _warm_start_share(spec: StudySpec, tokens: int) -> str:
+    """The warm start's tokens as a share of one run's budget at the largest batch (whether the experiment
+    gave ``warmup_fraction`` or the warm start's own ``steps``)."""
+    b = spec.largest_batch
+    return f"{tokens / (spec.budget.steps_for(b) * b):.0%} of a run's budget at the largest batch"
 
 
 def _tokens(v: float | int | None) -> str:
@@ -454,7 +462,7 @@ def render_report(results: StudyResults) -> str:
     if w is not None:
         cfg_rows.append(["shared warm start", f"{spec.warmup.get('optimizer', 'adamw')} lr {w.lr:g}, "
                          f"{w.steps_planned} steps at batch {_tokens(w.batch_tokens)} "
-                         f"({spec.warmup_fraction:.0%} of the budget at the largest batch); val loss "
+                         f"({_warm_start_share(spec, w.steps_planned * w.batch_tokens)}); val loss "
                          f"{_fmt(w.initial_val_loss, 'loss')} → {_fmt(w.final_val_loss, 'loss')}"])
     tgt = _fmt(results.target_loss, "loss")
     how = {
