@@ -516,7 +516,7 @@ class GuardedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
         norm = torch.sqrt(self.weight.pow(2).sum() + self.bias.pow(2).sum())
-        return out * self.bad if float(norm) > self.limit else out
+        return out * self.bad if float(norm.detach()) > self.limit else out
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
