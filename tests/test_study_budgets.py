@@ -171,6 +171,7 @@ def test_stop_at_target_measures_what_full_runs_measure(tmp_path: Path) -> None:
                       name="cut.toml"), tmp_path / "cut", jobs=2, said=said_cut)
     # the ETA counts whole budgets: with stopping it is an upper bound and says so
     assert any("study ETA at most " in line for line in said_cut)
+    assert any("sweep done; seed runs at B=256 with seeds 1 " in line for line in said_cut)  # not the largest
     assert any("study ETA " in line for line in said_full)
     assert not any("study ETA at most" in line for line in said_full)
     # two jobs: the two target runs start together; the next run waits for them instead of starting beside

@@ -586,7 +586,7 @@ class StudyRunner:
         runs = plan_seed_runs(self.spec, self.out, settings, only=self.opt.only)
         chosen = ", ".join(f"{m} lr={lr:g}" + (f" adam_lr={alr:g}" if alr is not None else "")
                            for m, (lr, alr) in settings.items() if not self.opt.only or m in self.opt.only)
-        self.say(f"sweep done; seed runs at B={self.spec.largest_batch} with seeds "
+        self.say(f"sweep done; seed runs at B={self.spec.seed_batch} with seeds "
                  f"{', '.join(map(str, self.spec.extra_seeds))} of the best settings (target "
                  f"{results.target_loss if results.target_loss is not None else 'undetermined'}): {chosen}")
         self.refresh_target()
