@@ -137,7 +137,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.0), sharex=True)
     markers = {"cpu": "o", "cpu-cost": "s", "cpu-lm": "^", "cpu-lm-batch": "D"}
     labels = dict(STUDIES)
     for ax, key, what in ((axes[0], "speedup_steps", "steps"), (axes[1], "speedup_passes", "passes")):
@@ -158,9 +158,10 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("B / B_crit of the study's best baseline")
         ax.set_ylabel(f"GN speed-up over the best baseline ({what} to target)")
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=2)  # below the panels: no point hidden
     fig.suptitle("GN's advantage against how far the batch is past the baselines' critical batch size")
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
