@@ -85,8 +85,7 @@ def _fmt(v: Any, kind: str = "g") -> str:
 def _warm_start_share(spec: StudySpec, tokens: int) -> str:
     """The warm start's tokens as a share of one run's budget at the largest batch (whether the experiment
     gave ``warmup_fraction`` or the warm start's own ``steps``)."""
-    b = spec.largest_batch
-    return f"{tokens / (spec.budget.steps_for(b) * b):.0%} of a run's budget at the largest batch"
+    return f"{tokens / spec.reference_budget_tokens:.0%} of a run's budget at the largest batch"
 
 
 def _tokens(v: float | int | None) -> str:

@@ -279,10 +279,15 @@ class StudySpec:
         assert self.evals_per_run is not None
         return max(1, math.ceil(steps / self.evals_per_run))
 
+    @property
+    def reference_budget_tokens(self) -> int:
+        """The token budget of one run at the largest batch: what the warm start is measured against."""
+        b = self.largest_batch
+        return self.budget.steps_for(b) * b
+
     def warmup_tokens(self) -> int:
         """``warmup_fraction`` × the token budget at the largest batch (the reference budget)."""
-        b = self.largest_batch
-        return int(round(self.warmup_fraction * self.budget.steps_for(b) * b))
+        return int(round(self.warmup_fraction * self.reference_budget_tokens))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able description (for ``study.json``)."""
