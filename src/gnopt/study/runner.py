@@ -377,12 +377,14 @@ class StudyRunner:
         return cfg.to_dict()
 
     # ---------------------------------------------------------------- stop_at_target
+    def _stops_at_target(self, run: RunSpec) -> bool:
+        """With ``stop_at_target``: every run but the warm-up and the runs that set an ``"auto"`` target."""
+        return self.spec.stop_at_target and run.method != "warmup" and not self.spec.defines_target(run)
+
     def stop_loss(self, run: RunSpec) -> float | None:
         """The ``stop_at_loss`` ``run`` gets: the target with ``stop_at_target`` (once it is known), except
         for the runs that set an ``"auto"`` target, which always run to the end."""
-        if not self.spec.stop_at_target or run.method == "warmup" or self.spec.defines_target(run):
-            return None
-        return self.target
+        return self.target if self._stops_at_target(run) else None
 
     def refresh_target(self) -> None:
         """With ``stop_at_target``: settle the target runs stop at, the declared one or, once every run that
@@ -414,8 +416,7 @@ class StudyRunner:
         the end of its budget, and a run that had stopped at the target of an earlier pass (before a wider
         grid added a run that sets it) would be continued to its end: work that the target, once known,
         makes useless. Waiting leaves at most the slots beside the last target runs idle until they end."""
-        return (self.spec.stop_at_target and self.target is None and run.method != "warmup"
-                and not self.spec.defines_target(run)
+        return (self.target is None and self._stops_at_target(run)
                 and any(self.spec.defines_target(r) for r in running))
 
     def _ordered(self, pending: list[tuple[int, RunSpec, str]]) -> list[tuple[int, RunSpec, str]]:
