@@ -177,6 +177,9 @@ def test_stop_at_target_measures_what_full_runs_measure(tmp_path: Path) -> None:
     # two jobs: the two target runs start together; the next run waits for them instead of starting beside
     # them without a target (it would run to its end), so every other run stops at the target below
     assert sum("waits for the runs that set the target" in line for line in said_cut) == 1
+    settled = next(i for i, line in enumerate(said_cut) if "(auto, from the 2 baseline runs" in line)
+    assert all(i > settled for i, line in enumerate(said_cut)
+               if " start " in line and "warmup" not in line and "B=512 " not in line)
     a = analyse(full.spec, full.out, full.all_runs, full.warmup)
     b = analyse(cut.spec, cut.out, cut.all_runs, cut.warmup)
     assert a.target_loss is not None and a.target_loss == b.target_loss == cut.target
