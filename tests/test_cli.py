@@ -291,3 +291,13 @@ def test_config_takes_the_library_option_lists_and_imports_without_torch() -> No
                                   ls_fraction=fraction))
         want = LineSearch(kind=kind, fraction=fraction if kind == "model" else None).batches_for(n)
         assert cfg.ls_batches == want == expected
+
+
+def test_gnopt_error_is_a_value_error() -> None:
+    """Users catch ``ValueError`` for bad arguments (torch.optim raises it): gnopt's refusals too."""
+    from gnopt.errors import GnoptError
+    from gnopt.optim import LineSearch
+
+    assert issubclass(GnoptError, ValueError)
+    with pytest.raises(ValueError, match="ls_range must be >= 1"):
+        LineSearch(ls_range=0)

@@ -55,7 +55,7 @@ GN_SCHEDULES: tuple[str, ...] = INNER_SCHEDULE_KINDS
 #: Peak learning rates used when ``lr`` / ``adam_lr`` are not given: ``(lr, adam_lr)``. ``lr`` is the
 #: learning rate of the optimizer's main group (for muon / shampoo / GN: the hidden 2-D matrices), and
 #: ``adam_lr`` the one of the AdamW group that takes embeddings, head and norm scales (``None``: the
-#: optimizer has no such group). Anchored on the CPU pilot (docs in /work/shared/design/pilot-findings.md):
+#: optimizer has no such group). Anchored on the CPU pilot (docs/method.md, the pilot section):
 #: AdamW 3e-3 was its best (1e-2 diverged), Muon 0.02-0.1 bracketed the optimum, the GN inner Muon was
 #: stable at 0.01 and diverged at 0.03.
 DEFAULT_LRS: dict[str, tuple[float, float | None]] = {

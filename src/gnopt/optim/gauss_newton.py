@@ -1,6 +1,6 @@
 """Gauss-Newton optimizers: full GN, GN-prox-linear and layerwise GN for any ``nn.Module``.
 
-One outer step t (the paper's Algorithm, as its code runs it; ../shared/design/gauss-newton.md):
+One outer step t (the paper's Algorithm, as its code runs it; docs/method.md):
 
     θ_t  ← the model's parameters (the linearization point)
     for each block b of the partition (one block = full GN):

@@ -19,7 +19,7 @@ Two kinds, each a pure selection rule over numbers the optimizer measures (:func
   so few are needed).
 
 Both kinds never take a non-finite loss. gnopt adds what the pilot run on this machine needed
-(../shared/design/pilot-findings.md): α = 0 as a candidate, a longer range, and resetting the
+(docs/method.md, the pilot section): α = 0 as a candidate, a longer range, and resetting the
 warm-started inner iterate when the chosen α is small.
 """
 
