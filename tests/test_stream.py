@@ -401,3 +401,26 @@ def test_streamed_bpe_without_validation_split_is_trained_on_training_documents_
     assert seen == list(range(475))
     assert numbers(small.tokenizer.decode(small.valid)) == list(range(475, 500))
     assert numbers(small.tokenizer.decode(small.train)) == seen
+
+
+def test_progress_file_keeps_its_layout_so_builds_resume_across_versions(tmp_path: Path) -> None:
+    """``progress.json`` as gnopt wrote it before the build became a state object (a plain dict with
+    these keys) is read back, and written with the same keys, so an interrupted build resumes."""
+    before = {"key": "k", "phase": "train", "valid_tokens": 10, "train_tokens": 20, "train_state": {"s": 1},
+              "valid_state": None, "documents": 3, "train_bytes": 40, "valid_bytes": 50,
+              "train_head_docs": 2}
+    path = tmp_path / "progress.json"
+    path.write_text(json.dumps(before), encoding="utf-8")
+    progress = stream_mod._Progress.read(path, "k")
+    assert progress is not None and progress.train_head_docs == 2 and progress.phase == "train"
+    progress.write(path)
+    assert json.loads(path.read_text(encoding="utf-8")) == before
+    # another entry's progress, an unknown phase or a damaged file: the build starts afresh
+    assert stream_mod._Progress.read(path, "other") is None
+    path.write_text(json.dumps({**before, "phase": "halfway"}), encoding="utf-8")
+    assert stream_mod._Progress.read(path, "k") is None
+    path.write_text("{", encoding="utf-8")
+    assert stream_mod._Progress.read(path, "k") is None
+    fresh = stream_mod._Progress(key="k")
+    fresh.write(path)
+    assert set(json.loads(path.read_text(encoding="utf-8"))) == set(before) - {"train_head_docs"}
