@@ -172,7 +172,7 @@ def test_gauss_newton_with_inner_muon_in_bf16_is_unchanged(monkeypatch: pytest.M
 
 def _cfg(**kw: object) -> TrainConfig:
     base: dict[str, object] = dict(preset="tiny", tokenizer="bytes", steps=4, batch_tokens=256,
-                                   micro_batch_size=4, out="unused")
+                                   micro_batch_size=4, out="unused", device="cpu")
     return resolve(TrainConfig(**(base | kw)))  # type: ignore[arg-type]
 
 
@@ -191,17 +191,18 @@ def test_config_default_recording_and_old_fingerprints() -> None:
     with pytest.raises(GnoptError, match="unknown Muon Newton-Schulz precision 'tf32'; valid .*: bf16, fp32"):
         _cfg(optimizer="muon", muon_ns_precision="tf32")
     # A config a run folder records fills the field where it is unset, and only there.
-    unset, given = TrainConfig(optimizer="muon"), TrainConfig(optimizer="muon", muon_ns_precision="fp32")
+    unset = TrainConfig(optimizer="muon", device="cpu")
+    given = TrainConfig(optimizer="muon", device="cpu", muon_ns_precision="fp32")
     assert resolve(unset, {}).muon_ns_precision == "bf16"  # a run recorded before the field existed
     assert resolve(unset, {"muon_ns_precision": "bf16"}).muon_ns_precision == "bf16"
     assert resolve(unset, {"muon_ns_precision": None}).muon_ns_precision == "fp32"  # it ran no Muon
     assert resolve(given, {}).muon_ns_precision == "fp32"
-    assert resolve(TrainConfig(optimizer="adamw"), {}).muon_ns_precision is None
+    assert resolve(TrainConfig(optimizer="adamw", device="cpu"), {}).muon_ns_precision is None
 
 
 def test_resolve_in_folder_keeps_what_the_folder_records(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = TrainConfig(optimizer="gn", out=str(out))
+    cfg = TrainConfig(optimizer="gn", out=str(out), device="cpu")
     assert resolve_in_folder(cfg).muon_ns_precision == "fp32"  # no folder yet: this machine's default
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"fingerprint": "x", "config": {"optimizer": "gn"}}))
@@ -221,7 +222,8 @@ def test_the_baseline_muon_uses_the_configured_precision() -> None:
 def _args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(corpus), "--preset", "tiny", "--tokenizer", "bytes", "--optimizer", "muon",
             "--steps", "4", "--batch-tokens", "256", "--micro-batch-size", "4", "--eval-every", "2",
-            "--eval-tokens", "1024", "--threads", "1", "--quiet", "--out", str(out), *extra]
+            "--eval-tokens", "1024", "--threads", "1", "--device", "cpu", "--quiet", "--out", str(out),
+            *extra]
 
 
 def test_a_resumed_run_keeps_the_precision_it_recorded(corpus: Path, tmp_path: Path) -> None:
@@ -252,6 +254,7 @@ budget_tokens = 1024
 preset = "tiny"
 tokenizer = "bytes"
 micro_batch_size = 4
+device = "cpu"
 
 [methods.adamw]
 lr = [1e-3]

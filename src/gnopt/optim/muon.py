@@ -13,7 +13,8 @@ option, ``ns_precision`` (:data:`gnopt.optim.ns_precision.NS_PRECISIONS`):
   and ``_adjust_lr``), with the Newton–Schulz iteration run in float32 (:func:`zeropower_via_newtonschulz`,
   torch's iteration with the dtype as an argument). Tests check that this loop run in bf16 equals
   ``torch.optim.Muon`` bitwise, and that the float32 iteration lands where the quintic is known to land
-  (singular values of the result in ≈[0.68, 1.13], close to the polar factor ``U Vᵀ`` of the SVD).
+  (the SVD reference ``U f(S) Vᵀ`` in float64, f the quintic iterated; its singular values spread around 1,
+  so the result is near the polar factor ``U Vᵀ``).
 
 The option lives in the parameter group, so it is saved by ``state_dict`` and restored by
 ``load_state_dict`` (a state dict saved before the option existed loads as ``"bf16"``, what it ran).
@@ -100,7 +101,8 @@ class Muon(torch.optim.Muon):
         params: list[Tensor] = []
         grads: list[Tensor] = []
         bufs: list[Tensor] = []
-        self._init_group(group, params, grads, bufs)
+        if self._init_group(group, params, grads, bufs):
+            raise ValueError("Complex parameters are not supported")
         lr = _muon._to_scalar(group["lr"])
         weight_decay, momentum = group["weight_decay"], group["momentum"]
         for param, grad, buf in zip(params, grads, bufs, strict=True):
