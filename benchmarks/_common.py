@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,30 @@ def cpu_name() -> str:
     model = names[0] if names else "CPU"
     bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in info]
     return f"{model}, {'+'.join(bf16) if bf16 else 'no native bf16'}"
+
+
+#: Environment variables that restrict torch's CPU kernels (oneDNN's dispatcher, ATen's vectorized kernels).
+ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def bf16_support() -> dict[str, Any]:
+    """The CPU's native bf16 support as ``/proc/cpuinfo`` and torch see it: the ``avx512_bf16`` /
+    ``amx_bf16`` flags, torch's CPU capability and oneDNN's bf16 support (both follow :data:`ISA_ENV`,
+    which this also reports, with the command prefix that sets them)."""
+    import torch
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    env = {k: os.environ[k] for k in ISA_ENV if k in os.environ}
+    return {
+        "cpuinfo_flags": [f for f in ("avx512_bf16", "amx_bf16") if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "env": env,
+        "env_prefix": "".join(f"{k}={v} " for k, v in env.items()),
+    }
 
 
 def publish(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str], *,

@@ -15,6 +15,11 @@ progress resumes across the change instead of re-running finished runs)::
 seconds each), plus library-level runs of :class:`gnopt.optim.GaussNewton` on a small MLP with the options
 the harness does not expose (adaptive damping, a custom partition, an in-process all-reduce, a state-dict
 round trip). ``--only NAME,...`` records a subset. The recordings are scratch files: keep them out of git.
+
+Defaults that changed on purpose since earlier recordings are pinned to their old values (:data:`PINNED`,
+where the checkout has the field): every run and fingerprint here is what the same command computed before,
+so "identical" means the change kept those runs bit for bit. A study folder recorded before such a change
+resumes with the old value (the folder's recorded config wins over the machine default).
 """
 
 from __future__ import annotations
@@ -83,6 +88,10 @@ LIBRARY = ("lib-mlp",)
 TIMING_KEYS = {"wall", "step_seconds", "time_inner", "time_line_search", "block_seconds",
                "shared_forward_seconds", "eval_seconds", "seconds"}
 
+#: Fields whose default changed, with the value every earlier recording ran (pinned where the checkout has
+#: the field; on a resolved config only where the run uses it, i.e. the field is not None).
+PINNED: dict[str, str] = {"muon_ns_precision": "bf16"}  # issue 29: fp32 is the default on a CPU now
+
 #: Configs whose fingerprint must not change (besides every run of every experiment file).
 FINGERPRINT_CONFIGS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -126,18 +135,25 @@ def _fingerprints(src: Path, env: dict[str, str]) -> dict[str, str]:
     code = f"""
 import json, sys
 from pathlib import Path
+import dataclasses
 from gnopt.config import config_from_mapping, fingerprint, resolve
 from gnopt.study.spec import load_spec, plan_runs, plan_seed_runs, warmup_run
+PINNED = json.loads({json.dumps(json.dumps(PINNED))})
+
+def pinned(cfg):
+    pins = {{k: v for k, v in PINNED.items() if getattr(cfg, k, None) is not None}}
+    return dataclasses.replace(cfg, **pins)
+
 out = {{}}
 for name, values in json.loads({json.dumps(json.dumps(FINGERPRINT_CONFIGS))}).items():
-    out["config:" + name] = fingerprint(resolve(config_from_mapping(values)))
+    out["config:" + name] = fingerprint(pinned(resolve(config_from_mapping(values))))
 for path in sorted(Path({str(src.parent / "experiments")!r}).glob("*.toml")):
     spec = load_spec(path)
     folder = Path("/nonexistent/study") / path.stem
     settings = {{m.name: m.grid[0] for m in spec.methods}}
     runs = [warmup_run(spec, folder), *plan_runs(spec, folder), *plan_seed_runs(spec, folder, settings)]
     for run in runs:
-        out[path.stem + ":" + run.rel] = fingerprint(run.config)
+        out[path.stem + ":" + run.rel] = fingerprint(pinned(run.config))
 json.dump(out, sys.stdout, indent=1, sort_keys=True)
 """
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -211,12 +227,20 @@ for line in out:
 """
 
 
+def _pinned_flags(env: dict[str, str]) -> list[str]:
+    """``gnopt train`` flags that pin :data:`PINNED` (the fields the checkout has)."""
+    code = "import json; from gnopt.config import FIELD_TYPES; print(json.dumps(sorted(FIELD_TYPES)))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    fields = set(json.loads(proc.stdout))
+    return [arg for k, v in PINNED.items() if k in fields for arg in ("--" + k.replace("_", "-"), v)]
+
+
 def record(folder: Path, src: Path, only: set[str] | None, torchrun: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
     _corpus(corpus)
     env = _env(src, folder / "cache")
-    data = ["--data", str(corpus)]
+    data = ["--data", str(corpus), *_pinned_flags(env)]
 
     def wanted(name: str) -> bool:
         return only is None or name in only

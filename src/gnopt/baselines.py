@@ -21,6 +21,9 @@ solver does):
     :class:`gnopt.optim.inner.MuonAdamW` uses (``adjust_lr_fn=None`` means "original"), so ``--lr`` means
     the same for the Muon baseline and for GN's inner Muon. ``"match_rms_adamw"`` (0.2·√max(A, B)) would put
     Muon's lr on AdamW's scale instead; it is not used so that the two Muon users agree.
+  - the precision of the Newton–Schulz iteration is ``cfg.muon_ns_precision`` (:class:`gnopt.optim.muon.Muon`:
+    ``"bf16"`` is ``torch.optim.Muon`` itself, ``"fp32"`` the same update in float32), the one GN's inner
+    Muon uses too.
 * ``soap`` — ``pytorch_optimizer.SOAP`` on everything (SOAP preconditions every dimension up to
   ``max_precondition_dim`` and falls back to Adam for 1-D tensors, so no AdamW group is needed). Note that
   SOAP's first ``step()`` only initialises its eigenbases and leaves the weights unchanged.
@@ -46,6 +49,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from gnopt.config import TrainConfig
 from gnopt.errors import GnoptError
+from gnopt.optim.muon import Muon
 from gnopt.optim.routing import default_is_hidden_matrix, split_hidden_matrices
 from gnopt.optim.schedules import lr_multiplier
 
@@ -129,9 +133,10 @@ def build_baseline_optimizers(cfg: TrainConfig, model: nn.Module) -> list[tuple[
         params = [p for _, p in hidden]
         main: Optimizer
         if name == "muon":
-            main = torch.optim.Muon(
+            assert cfg.muon_ns_precision is not None
+            main = Muon(
                 params, lr=lr, weight_decay=wd, momentum=MUON_MOMENTUM, nesterov=True,
-                adjust_lr_fn=MUON_ADJUST_LR_FN,
+                adjust_lr_fn=MUON_ADJUST_LR_FN, ns_precision=cfg.muon_ns_precision,
             )
         else:
             from pytorch_optimizer import Shampoo

@@ -60,6 +60,9 @@ FIELD_HELP: dict[str, str] = {
     "grad_clip": "global gradient-norm clip, 0 = off",
     "soap_precondition_frequency": "SOAP (the baseline and GN's inner soap): steps between refreshes of its "
     "eigenbasis (default 10, the SOAP paper's and arXiv 2510.09378's; 1 = every step, for runs of few steps)",
+    "muon_ns_precision": "precision of Muon's Newton-Schulz iteration (the muon baseline and GN's inner "
+    "muon alike): bf16 (torch.optim.Muon's) or fp32 (several times faster on a CPU without native bf16); "
+    "default: bf16 on CUDA, else see docs/hardware.md. A resumed run keeps the one it recorded",
     "skip_nonfinite": "skip (and log) a step whose gradient norm is not finite",
     "steps": "optimizer steps",
     "batch_tokens": "tokens per optimizer step, a multiple of micro-batch-size × seq-len (default: the "
@@ -170,7 +173,7 @@ def _given(ns: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
-    from gnopt.config import resolve, to_toml
+    from gnopt.config import resolve_in_folder, to_toml
     from gnopt.distributed import env_rank
     from gnopt.train import train
 
@@ -181,7 +184,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     flags = _given(ns, tuple(FIELD_TYPES))
     cfg = config_from_mapping(values, where=f"config file {ns.config!r}") if values else TrainConfig()
     cfg = config_from_mapping(flags, base=cfg, where=where)
-    cfg = resolve(cfg)
+    cfg = resolve_in_folder(cfg, overwrite=ns.overwrite)  # what train() runs (a resumed run keeps its own)
     logging.getLogger("gnopt").setLevel(logging.WARNING if cfg.quiet else logging.INFO)
     main_rank = env_rank() == 0  # under torchrun only rank 0 prints
     if main_rank:

@@ -33,8 +33,10 @@ from typing import Any
 
 from gnopt.errors import GnoptError
 from gnopt.optim.line_search import LS_KINDS, LS_SOURCES, LineSearch  # torch-free: the library's own
+from gnopt.optim.ns_precision import NS_PRECISIONS, TORCH_NS_PRECISION
 from gnopt.optim.schedules import INNER_SCHEDULE_KINDS
-from gnopt.precision import PRECISIONS
+from gnopt.precision import PRECISIONS, default_muon_ns_precision
+from gnopt.run_folder import recorded_config
 
 #: Baselines built by :mod:`gnopt.baselines`.
 BASELINE_OPTIMIZERS: tuple[str, ...] = ("adamw", "muon", "soap", "shampoo")
@@ -90,7 +92,16 @@ ADDED_FIELDS: dict[str, Any] = {
     "ls_fraction": 0.125,
     "warm_scale": False,
     "soap_precondition_frequency": 10,
+    "muon_ns_precision": TORCH_NS_PRECISION,  # every Muon ran torch.optim.Muon's bf16 Newton-Schulz
 }
+#: Added fields that only some runs use: a run that does not use one resolves it to ``None`` and computes
+#: what it computed before the field existed, so ``None`` is left out of the fingerprint as well.
+ADDED_OPTIONAL_FIELDS: frozenset[str] = frozenset({"muon_ns_precision"})
+#: Fields whose default depends on the machine a run starts on (:func:`resolve` fills them from it). A run
+#: whose folder already records a config (a resume, a study's rerun) and that leaves such a field unset
+#: keeps the value it recorded (``resolve(cfg, recorded=...)``), so it goes on computing what it began
+#: computing, on any machine; a recorded config without the key reads as its :data:`ADDED_FIELDS` value.
+MACHINE_DEFAULT_FIELDS: tuple[str, ...] = ("muon_ns_precision",)
 
 
 @dataclass
@@ -125,6 +136,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # global-norm clip; 0 disables clipping (the norm is still logged)
     soap_precondition_frequency: int = 10  # SOAP (baseline and GN inner): steps between eigenbasis refreshes
+    muon_ns_precision: str | None = None  # Muon's Newton-Schulz precision (baseline and GN inner): bf16 |
+    #                                       fp32; None = the machine's default (resolve), None if no Muon
     skip_nonfinite: bool = True
     # --- budget and batches ------------------------------------------------------------------------
     steps: int = 200
@@ -313,11 +326,13 @@ def _preset_table() -> dict[str, Any]:
     return PRESETS
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
+def resolve(cfg: TrainConfig, recorded: Mapping[str, Any] | None = None) -> TrainConfig:
     """Validate ``cfg`` and return a copy with every derived default filled in.
 
     Raises :class:`GnoptError` naming the first invalid field. Paths are made absolute so that the
-    fingerprint does not depend on the working directory.
+    fingerprint does not depend on the working directory. ``recorded`` is the config a run folder already
+    holds (``config.json``'s ``"config"``, :func:`gnopt.train.recorded_config`): the
+    :data:`MACHINE_DEFAULT_FIELDS` that ``cfg`` leaves unset take their value from it, not from this machine.
     """
     presets = _preset_table()
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
@@ -405,6 +420,14 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if r.soap_precondition_frequency < 1:
         raise GnoptError("soap_precondition_frequency must be a positive integer (steps between refreshes "
                          f"of SOAP's eigenbasis), got {r.soap_precondition_frequency}.")
+    if r.muon_ns_precision is not None:
+        _choice("muon_ns_precision", r.muon_ns_precision, tuple(NS_PRECISIONS),
+                "Muon Newton-Schulz precision")
+    if not uses_muon(r):
+        r.muon_ns_precision = None  # no Newton-Schulz runs: the run computes the same whatever was given
+    elif r.muon_ns_precision is None:
+        kept = _recorded_default(recorded, "muon_ns_precision")
+        r.muon_ns_precision = kept if kept in NS_PRECISIONS else default_muon_ns_precision(r.device)
     if r.ls_batches is not None and r.ls_batches < 1:
         raise GnoptError(f"ls_batches must be a positive integer, got {r.ls_batches}.")
     for name in ("eval_every", "ckpt_every", "seed"):
@@ -481,11 +504,34 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 # ------------------------------------------------------------------------------------------------------
 
 
+def uses_muon(cfg: TrainConfig) -> bool:
+    """Whether the run steps with Muon: the ``muon`` baseline, or GN with the inner ``muon``."""
+    return cfg.optimizer == "muon" or (cfg.optimizer in GN_OPTIMIZERS and cfg.inner_optimizer == "muon")
+
+
+def resolve_in_folder(cfg: TrainConfig, *, overwrite: bool = False) -> TrainConfig:
+    """:func:`resolve` for a run about to use its folder ``out``: the machine-dependent defaults it leaves
+    unset are the ones the folder records (:data:`MACHINE_DEFAULT_FIELDS`), unless ``overwrite`` (a new run
+    in that folder) or the folder records none. ``gnopt train`` and the study resolve every run this way."""
+    resolved = resolve(cfg)
+    recorded = None if overwrite else recorded_config(resolved.out or "")
+    return resolved if recorded is None else resolve(cfg, recorded)
+
+
+def _recorded_default(recorded: Mapping[str, Any] | None, name: str) -> Any:
+    """A :data:`MACHINE_DEFAULT_FIELDS` value as ``recorded`` holds it (a missing key: the value runs had
+    before the field existed); None without a recorded config, or where the recorded run used no Muon."""
+    if recorded is None:
+        return None
+    return recorded.get(name, ADDED_FIELDS[name])
+
+
 def fingerprint_fields(cfg: TrainConfig) -> dict[str, Any]:
     """The fields that define what a run computes (everything but :data:`RUN_CONTROL_FIELDS`)."""
     return {
         k: v for k, v in cfg.to_dict().items()
         if k not in RUN_CONTROL_FIELDS and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])
+        and not (k in ADDED_OPTIONAL_FIELDS and v is None)
     }
 
 

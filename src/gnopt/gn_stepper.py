@@ -41,7 +41,9 @@ def build_inner(cfg: TrainConfig) -> InnerOptimizer | CG:
     assert cfg.lr is not None
     kind = cfg.inner_optimizer
     if kind == "muon":
-        return MuonAdamW(lr=cfg.lr, adam_lr=cfg.adam_lr or cfg.lr, adam_weight_decay=cfg.weight_decay)
+        assert cfg.muon_ns_precision is not None
+        return MuonAdamW(lr=cfg.lr, adam_lr=cfg.adam_lr or cfg.lr, adam_weight_decay=cfg.weight_decay,
+                         ns_precision=cfg.muon_ns_precision)
     if kind == "adamw":
         lr, wd = cfg.lr, cfg.weight_decay
         return TorchOptimizer(lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.999), weight_decay=wd))

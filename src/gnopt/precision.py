@@ -86,3 +86,24 @@ def matmul_precision(precision: str, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively, as oneDNN (torch's CPU matmul backend) sees it:
+    ``avx512_bf16`` or ``amx_bf16``, and not restricted away with ``ONEDNN_MAX_CPU_ISA``."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def default_muon_ns_precision(device: str) -> str:
+    """The Newton-Schulz precision of a Muon run that names none (``--device`` ``device``): ``bf16`` on
+    CUDA, where tensor cores multiply bf16 fastest, and ``fp32`` on a CPU (docs/hardware.md).
+
+    The value is resolved once, when the run is configured, and recorded in its config: a run resumed on
+    another machine keeps it (:func:`gnopt.config.with_recorded_defaults`)."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bf16" if device == "cuda" else "fp32"

@@ -27,6 +27,17 @@ RUN_FILES: tuple[str, ...] = (CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, CHECKPOIN
 STOP_AT_LOSS_REASON = "stop_at_loss"
 
 
+def recorded_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The config a run folder records (``config.json``'s ``"config"``), or None when there is none (no
+    folder, no file, a torn or foreign file)."""
+    try:
+        data = json.loads((Path(run_dir) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    config = data.get("config") if isinstance(data, dict) else None
+    return config if isinstance(config, dict) else None
+
+
 def iter_metrics(run_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(line, record)`` for every readable line of ``run_dir/metrics.jsonl``, in order."""
     path = Path(run_dir) / METRICS_NAME

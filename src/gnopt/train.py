@@ -70,7 +70,13 @@ from gnopt.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from gnopt.config import TrainConfig, fingerprint, fingerprint_diff, fingerprint_fields, resolve
+from gnopt.config import (
+    TrainConfig,
+    fingerprint,
+    fingerprint_diff,
+    fingerprint_fields,
+    resolve_in_folder,
+)
 from gnopt.errors import GnoptError
 from gnopt.lock import FolderLock
 from gnopt.precision import check_supported, matmul_precision
@@ -418,7 +424,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     Started by torchrun (``WORLD_SIZE`` > 1 in the environment), the process joins the data-parallel group
     for the duration of the run (see :mod:`gnopt.distributed`); if a group already exists it is used as is.
     """
-    cfg = resolve(cfg)
+    cfg = resolve_in_folder(cfg, overwrite=overwrite)
     device = distributed.device_for(resolve_device(cfg.device))
     check_supported(cfg.precision, device)
     with (distributed.session(cfg.dist_timeout, device), matmul_precision(cfg.precision, device),

@@ -15,7 +15,8 @@ Typical use::
 
 The public names below load on first access, after a check of the installed torch (one clear message on a
 torch without the APIs they use). So the torch-free modules (:mod:`.line_search`, :mod:`.schedules`,
-:mod:`.damping`) import without torch: the harness's config takes its option lists and rules from them.
+:mod:`.damping`, :mod:`.ns_precision`) import without torch: the harness's config takes its option lists
+and rules from them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _LAZY: dict[str, str] = {
     "LineSearch": "gnopt.optim.line_search",
     "LocalLoss": "gnopt.optim.losses",
     "MSELoss": "gnopt.optim.losses",
+    "Muon": "gnopt.optim.muon",
     "MuonAdamW": "gnopt.optim.inner",
     "OptimizerChain": "gnopt.optim.inner",
     "OutputLoss": "gnopt.optim.losses",

@@ -101,7 +101,7 @@ from gnopt.config import (
     TrainConfig,
     config_from_mapping,
     read_toml_file,
-    resolve,
+    resolve_in_folder,
 )
 from gnopt.errors import GnoptError
 
@@ -662,7 +662,8 @@ def spec_from_mapping(raw: Mapping[str, Any], *, path: str | os.PathLike[str]) -
 
 def _resolved(values: Mapping[str, Any], where: str) -> TrainConfig:
     try:
-        return resolve(config_from_mapping(values, where=where))
+        # A run folder that already holds the run keeps its machine-dependent defaults (resume, skip).
+        return resolve_in_folder(config_from_mapping(values, where=where))
     except GnoptError as exc:
         raise GnoptError(f"{where}: {exc}") from None
 
