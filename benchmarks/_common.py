@@ -59,13 +59,15 @@ def bf16_support() -> dict[str, Any]:
 
 
 def publish(name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str], *,
-            write: bool = True) -> str:
+            write: bool = True, folder: Path | None = None) -> str:
     """Render ``result`` as markdown and print it; with ``write``, also save it as
-    ``benchmarks/results/<name>.json`` and ``.md`` (the table the README and closing notes quote)."""
+    ``benchmarks/results/<name>.json`` and ``.md`` (the table the README and closing notes quote), or in
+    ``folder`` instead."""
     markdown = render(result)
     print(markdown)
     if write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / f"{name}.md").write_text(markdown)
+        out = RESULTS if folder is None else folder
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{name}.md").write_text(markdown)
     return markdown

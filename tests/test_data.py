@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from gnopt.data import (
     corpus_too_small_check,
     data_statistics,
     eval_batches,
+    is_prepared_entry,
     load_tokenizer,
     parse_hf_spec,
     prepare,
@@ -213,6 +215,38 @@ def test_second_prepare_is_a_cache_hit(
     assert not prepare(corpus, "bpe", vocab_size=400, cache_dir=cache).cache_hit
     corpus.write_text(english_text + "one more line\n", encoding="utf-8")
     assert not prepare(corpus, "bpe", vocab_size=512, cache_dir=cache).cache_hit
+
+
+def test_a_prepared_entry_copied_without_its_corpus_is_a_data_spec(
+    tmp_path: Path, english_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry folder moved to a machine without the corpus loads as it is (no tokenizing), and only under
+    the tokenizer and vocabulary it holds."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(english_text, encoding="utf-8")
+    first = prepare(corpus, "bpe", vocab_size=512, cache_dir=tmp_path / "cache")
+    moved = tmp_path / "elsewhere" / "entry"
+    shutil.copytree(first.path, moved)
+    corpus.unlink()
+    shutil.rmtree(tmp_path / "cache")
+    assert is_prepared_entry(moved) and is_prepared_entry(str(moved))
+    assert not is_prepared_entry(tmp_path) and not is_prepared_entry(None)
+    monkeypatch.setattr(cache_mod, "make_tokenizer", lambda *a, **k: pytest.fail("must not tokenize"))
+    got = prepare(str(moved), "bpe", vocab_size=512, cache_dir=tmp_path / "other")
+    assert got.cache_hit and got.path == moved and not (tmp_path / "other").exists()
+    np.testing.assert_array_equal(got.train, first.train)
+    np.testing.assert_array_equal(got.valid, first.valid)
+    assert got.tokenizer.decode(got.valid[:200]) == first.tokenizer.decode(first.valid[:200])
+    with pytest.raises(GnoptError, match="holds bpe with vocab_size 512 tokens, not bpe with vocab_size 400"):
+        prepare(moved, "bpe", vocab_size=400)
+    with pytest.raises(GnoptError, match="not bytes"):
+        prepare(moved, "bytes")
+    with pytest.raises(GnoptError, match="drop valid_data"):
+        prepare(moved, "bpe", vocab_size=512, valid_data=moved / "meta.json")
+    (moved / "valid.bin").unlink()  # an incomplete entry is no entry: read as a corpus folder (no .txt)
+    assert not is_prepared_entry(moved)
+    with pytest.raises(GnoptError):
+        prepare(moved, "bpe", vocab_size=512, cache_dir=tmp_path / "other")
 
 
 def test_gnopt_cache_env_and_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ from gnopt.data.cache import (
     PreparedData,
     cache_key,
     default_cache_dir,
+    is_prepared_entry,
     prepare,
     split_tail,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "data_statistics",
     "default_cache_dir",
     "eval_batches",
+    "is_prepared_entry",
     "load_pretrained",
     "load_tokenizer",
     "make_tokenizer",

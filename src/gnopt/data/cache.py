@@ -18,6 +18,11 @@ without explicit validation data, that its BPE sees training documents only), th
   concurrent or interrupted runs never see a half-written cache entry).
 
 The cache root is the ``cache_dir`` argument, else ``$GNOPT_CACHE``, else ``~/.cache/gnopt``.
+
+A cache entry is itself a data spec: ``prepare(<cache>/data/<entry>, ...)`` (``--data <entry folder>``) loads
+that entry as it is, without its corpus, its key or a cache root (:func:`is_prepared_entry`), once the
+tokenizer asked for is the entry's own; so an entry copied to a machine without the corpus (a GPU machine
+without network, say) trains there unchanged.
 """
 
 from __future__ import annotations
@@ -150,6 +155,48 @@ def _load_entry(folder: Path) -> PreparedData:
     return PreparedData(train, valid, tok, meta["description"], folder, True, meta)
 
 
+#: The files of a cache entry (besides ``meta.json``).
+ENTRY_FILES: tuple[str, ...] = ("train.bin", "valid.bin", "tokenizer.json")
+
+
+def is_prepared_entry(data_spec: str | os.PathLike[str] | None) -> bool:
+    """Whether ``data_spec`` is the folder of a prepared cache entry (``meta.json`` naming a format and a key,
+    and the entry's shards and tokenizer) rather than a corpus."""
+    if data_spec is None or (isinstance(data_spec, str) and data_spec.startswith("hf:")):
+        return False
+    folder = Path(data_spec).expanduser()
+    if not (folder / "meta.json").is_file() or not all((folder / f).is_file() for f in ENTRY_FILES):
+        return False
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and "format" in meta and "key" in meta
+
+
+def _load_prepared_entry(folder: Path, tokenizer: str, vocab_size: int, valid_data: Any,
+                         max_tokens: int | None) -> PreparedData:
+    """Load the entry ``folder`` given as the data spec, once the request matches what it holds."""
+    prepared = _load_entry(folder)
+    meta = prepared.meta
+    if valid_data is not None or max_tokens is not None:
+        raise GnoptError(f"{folder} is a prepared cache entry: it holds its own validation split and token "
+                         "budget; drop valid_data / max_tokens.")
+    kind = meta.get("tokenizer")
+    if is_pretrained_spec(tokenizer):
+        want = load_pretrained(tokenizer).identity
+        if kind != PRETRAINED or meta.get("tokenizer_sha256") != want:
+            raise GnoptError(f"the prepared entry {folder} was not tokenized with {tokenizer} (its "
+                             f"tokenizer: {kind}, sha256 {meta.get('tokenizer_sha256')}).")
+    elif tokenizer != kind or (kind == "bpe" and meta.get("requested_vocab_size") != vocab_size):
+        held = f"{kind}" + (f" with vocab_size {meta.get('requested_vocab_size')}" if kind == "bpe" else "")
+        asked = f"{tokenizer}" + (f" with vocab_size {vocab_size}" if tokenizer == "bpe" else "")
+        raise GnoptError(f"the prepared entry {folder} holds {held} tokens, not {asked}; ask for its own "
+                         "tokenizer and vocabulary (its meta.json says which).")
+    log.info("data: prepared entry %s (%s)", folder, prepared.description)
+    return prepared
+
+
 def prepare(
     data_spec: str | os.PathLike[str] | None = None,
     tokenizer: str = "bpe",
@@ -165,7 +212,8 @@ def prepare(
     """Tokenize ``data_spec`` once (cached) and return its train/valid tokens and tokenizer.
 
     Args:
-        data_spec: file, folder, ``hf:NAME[:CONFIG][:SPLIT]`` or ``None`` for the embedded default corpus.
+        data_spec: file, folder, ``hf:NAME[:CONFIG][:SPLIT]``, ``None`` for the embedded default corpus, or
+            the folder of a prepared cache entry (loaded as it is; see the module docstring).
         tokenizer: ``"bpe"`` (byte-level BPE trained on the training text), ``"bytes"`` (vocab 256), or a
             pretrained tokenizer: ``"hf:NAME"`` or the path of a ``tokenizer.json`` (vocabulary <= 65,536).
         vocab_size: BPE vocabulary size (ignored for ``bytes`` and pretrained tokenizers); the trained
@@ -179,6 +227,10 @@ def prepare(
             (see :mod:`gnopt.data.stream`); validation comes from the dataset's own validation split.
         rebuild: ignore and replace an existing cache entry.
     """
+    if is_prepared_entry(data_spec):
+        assert data_spec is not None
+        return _load_prepared_entry(Path(data_spec).expanduser(), tokenizer, vocab_size, valid_data,
+                                    max_tokens)
     pretrained: PretrainedTokenizer | None = None
     if is_pretrained_spec(tokenizer):
         # a bad file, a too large vocabulary, offline: fail before anything is written
