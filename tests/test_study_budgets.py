@@ -264,10 +264,11 @@ def test_tuning_cost_counts_the_whole_grid(tmp_path: Path) -> None:
     costs = {(t.method, t.batch_tokens): t for t in tuning_costs(spec, runs)}
     adamw = costs[("adamw", 512)]
     assert (adamw.settings, adamw.finished, adamw.reached) == (2, 2, 1)
-    assert adamw.steps_min == adamw.steps_max == 5.5 and adamw.best_passes == 22.0
+    # whole steps (5.5 interpolated is 6 taken)
+    assert adamw.steps_min == adamw.steps_max == 6 and adamw.best_passes == 22.0
     assert adamw.grid_passes == 48.0 and adamw.grid_passes_to_target == 22.0 + 24.0  # a miss counts whole
     gn = costs[("gn", 512)]
-    assert (gn.reached, gn.steps_min, gn.steps_median, gn.steps_max) == (2, 1.5, 2.0, 2.5)
+    assert (gn.reached, gn.steps_min, gn.steps_median, gn.steps_max) == (2, 2, 2.5, 3)
     assert gn.grid_passes == 80.0 and gn.grid_passes_to_target == 50.0 and gn.best_passes == 20.0
     assert costs[("adamw", 256)].settings == 0
 

@@ -5,10 +5,16 @@ so a study can be re-analysed at any time, at any target, without re-running any
 
 Definitions (all documented in the study report as well):
 
-* **steps to target**: the first *evaluated* step whose validation loss is <= the target (resolution:
-  the run's ``eval_every``), as ``gnopt train`` records it. **Interpolated steps to target**: the step
-  where the straight line between that evaluation and the one before it crosses the target (used for the
-  plots and the fit, where the evaluation grid would otherwise quantize the curve).
+* **steps to target**: the whole outer steps a run took up to its first *evaluated* step whose validation
+  loss is <= the target, for every method (a method has no state between two outer steps, so it is
+  credited with no fraction of one). Its resolution is the run's ``eval_every``: the run reached the target
+  after its previous evaluation and by this one (:func:`steps_interval`). Every ratio, median, spread, best
+  setting and fit uses this count. Where either side of a steps ratio took few steps (<= :data:`FEW_STEPS`)
+  the ratio comes with its **resolution bracket** (:func:`steps_ratio_bracket`): the ratio with each
+  few-step side moved by one whole step either way (at least 1), e.g. 12 vs 2 steps: 6.0x [4.0x-12.0x].
+  **Interpolated steps to target** (``steps_to_target_interp`` in ``runs.csv``): the step where the straight
+  line between that evaluation and the one before it crosses the target; a fraction of a step no method
+  takes, kept for the record and never used in a ratio.
 * **tokens to target**: cumulative tokens at that step, training plus line-search tokens (GN draws fresh
   micro-batches for its line search).
 * **passes to target**: cumulative forward+backward-equivalent passes at that step; a baseline step costs
@@ -19,15 +25,18 @@ Definitions (all documented in the study report as well):
   the lower final validation loss; runs that miss the target rank after all that reach it, by final loss.
   A best setting at the lowest or highest value of its grid is flagged (:func:`grid_edges`): its optimum
   may lie beyond the grid.
-* **critical batch size**: the fit of S(B) = S_min·(1 + B_noise/B) to a method's best steps-to-target S
-  over the batch sizes B (least squares on log S; S_min is solved in closed form for each B_noise and
-  B_noise by a 1-D search on a log grid refined by golden-section search, numpy only). We report
+* **critical batch size**: the fit of S(B) = S_min·(1 + B_noise/B) to a method's best (whole) steps to
+  target S over the batch sizes B (least squares on log S; S_min is solved in closed form for each B_noise
+  and B_noise by a 1-D search on a log grid refined by golden-section search, numpy only). We report
   B_crit = B_noise: at B = B_crit a method needs twice its minimal number of steps, S = 2·S_min, and twice
   its minimal number of tokens, E = S·B = 2·E_min with E_min = S_min·B_noise (McCandlish et al. 2018).
   Well below B_crit, doubling the batch halves the steps; well above it, doubling the batch buys almost
   nothing. A fit whose B_noise sits at the edge of the search range is flagged: ``"above"`` (the steps
   still fall like 1/B at the largest batch, B_crit is beyond the grid) or ``"below"`` (no gain from batch
-  size at all in this grid).
+  size at all in this grid). A whole count S at step s means the target was crossed after the previous
+  evaluation p and by s, so the **B_crit range** is the range of the fits through every combination of
+  the points' interval ends, max(p, 1) or s (:func:`fit_critical_batch_range`): what coarse counts leave
+  undetermined.
 * ``target_loss = "auto"``: the lowest validation loss that a finished baseline run at the largest batch
   has at ``target_fraction`` of its step budget (linear interpolation between evaluations).
 * **seed runs** (``[experiment] seeds``): each method's best setting at the largest batch re-run with the
@@ -40,6 +49,7 @@ Definitions (all documented in the study report as well):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,6 +62,9 @@ from gnopt.checkpoint import read_json
 from gnopt.config import BASELINE_OPTIMIZERS
 from gnopt.run_folder import CONFIG_NAME, STOP_AT_LOSS_REASON, SUMMARY_NAME, read_metrics
 from gnopt.study.spec import RunSpec, StudySpec, plan_seed_runs
+
+#: A steps count at or below this is "few": a steps ratio with such a side carries its resolution bracket.
+FEW_STEPS = 5
 
 #: Column order of ``runs.csv`` (and the keys of each ``runs.json`` record).
 RUN_COLUMNS: tuple[str, ...] = (
@@ -198,6 +211,7 @@ def loss_at(curve: RunCurve, step: float) -> float | None:
 class ToTarget:
     steps: int | None = None
     steps_interp: float | None = None
+    previous_eval: int | None = None  # the step of the evaluation before that one (None: none before it)
     tokens: int | None = None
     passes: float | None = None
     wall: float | None = None
@@ -214,7 +228,8 @@ def to_target(curve: RunCurve, target: float | None) -> ToTarget:
             if prev is not None and math.isfinite(prev[2]) and prev[2] > val:
                 s0, _, v0 = prev
                 interp = s0 + (v0 - target) / (v0 - val) * (step - s0)
-            return ToTarget(steps=step, steps_interp=interp, tokens=tokens,
+            return ToTarget(steps=step, steps_interp=interp, previous_eval=prev[0] if prev else None,
+                            tokens=tokens,
                             passes=curve.passes.get(step, 0.0), wall=curve.wall.get(step, 0.0))
         prev = (step, tokens, val)
     return ToTarget()
@@ -255,6 +270,8 @@ class RunResult:
     seconds_per_step: float | None
     run_dir: str
     curve: RunCurve = field(default_factory=RunCurve, repr=False)
+    #: the step of the evaluation before the one at steps_to_target (None: not reached, or none before it)
+    previous_eval: int | None = None
 
     @property
     def done(self) -> bool:
@@ -265,6 +282,41 @@ class RunResult:
         d = asdict(self)
         d.pop("curve")
         return {k: d[k] for k in RUN_COLUMNS}
+
+    @property
+    def steps_interval(self) -> tuple[int, int] | None:
+        """Where this run crossed the target, in whole steps (None: target not reached): after the
+        evaluation before its first one at or below the target (step p, from its own evaluations, so a run
+        resumed with another cadence is read as it ran) and by that one: ``(max(p, 1), steps_to_target)``."""
+        if self.steps_to_target is None:
+            return None
+        s = self.steps_to_target
+        return (min(max(self.previous_eval or 0, 1), s), s)  # at the target from the start: (0, 0)
+
+
+def steps_interval(steps: int, eval_every: int) -> tuple[int, int]:
+    """The same interval for a run evaluated at every multiple of ``eval_every`` (and at its last step):
+    where a run that first evaluates at or below the target at step ``steps`` crossed it, after its previous
+    evaluation p and by ``steps``; the low end is max(p, 1), the fewest whole steps that could have done it
+    when the count is read as continuous. For records without their curve (a committed ``runs.csv``)."""
+    e = int(eval_every)
+    prev = ((steps - 1) // e) * e if e > 0 else 0  # eval_every = 0: only the start and the last step
+    return (min(max(prev, 1), steps), steps)
+
+
+def few_steps_range(steps: float) -> tuple[float, float]:
+    """A whole steps count with one step either way when it is few (<= FEW_STEPS; at least 1), else itself."""
+    return (max(steps - 1.0, 1.0), steps + 1.0) if steps <= FEW_STEPS else (steps, steps)
+
+
+def steps_ratio_bracket(numerator: float, denominator: float) -> tuple[float, float] | None:
+    """The resolution bracket of the steps ratio ``numerator / denominator``: the ratio with every few-step
+    side (<= FEW_STEPS) moved by one whole step either way (at least 1 step). None when neither side is
+    few (the ratio's resolution is then better than ~20%). Example: 12 vs 2 steps -> (4.0, 12.0)."""
+    if numerator > FEW_STEPS and denominator > FEW_STEPS:
+        return None
+    (a_lo, a_hi), (b_lo, b_hi) = few_steps_range(numerator), few_steps_range(denominator)
+    return (a_lo / b_hi, a_hi / b_lo)
 
 
 def _finite(v: Any) -> float | None:
@@ -387,6 +439,11 @@ class CriticalBatchFit:
     rmse_log: float  # root-mean-square residual of log S (natural log)
     n_points: int
     bound: str | None = None  # "above" / "below" when b_noise sits at the edge of the search range
+    #: B_crit over the fits through every combination of the points' whole-step interval ends
+    #: (:func:`fit_critical_batch_range`); ``range_bound`` flags an end of it at the search range's edge
+    b_crit_low: float | None = None
+    b_crit_high: float | None = None
+    range_bound: list[str] = field(default_factory=list)
 
     @property
     def b_crit(self) -> float:
@@ -397,7 +454,9 @@ class CriticalBatchFit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"s_min": self.s_min, "b_noise": self.b_noise, "b_crit": self.b_crit,
-                "rmse_log": self.rmse_log, "n_points": self.n_points, "bound": self.bound}
+                "rmse_log": self.rmse_log, "n_points": self.n_points, "bound": self.bound,
+                "b_crit_low": self.b_crit_low, "b_crit_high": self.b_crit_high,
+                "range_bound": list(self.range_bound)}
 
 
 def fit_critical_batch(batches: Sequence[float], steps: Sequence[float], *,
@@ -424,7 +483,10 @@ def fit_critical_batch(batches: Sequence[float], steps: Sequence[float], *,
 
     lo, hi = math.log(b.min() / span), math.log(b.max() * span)
     grid = np.linspace(lo, hi, 1201)
-    values = np.array([sse(x)[0] for x in grid])
+    g_all = np.log1p(np.exp(grid)[:, None] / b[None, :])  # sse() at every grid point at once
+    r_all = y[None, :] - g_all
+    r_all -= r_all.mean(axis=1, keepdims=True)
+    values = (r_all * r_all).sum(axis=1)
     k = int(np.argmin(values))
     a, c_ = grid[max(k - 1, 0)], grid[min(k + 1, grid.size - 1)]
     phi = (math.sqrt(5) - 1) / 2
@@ -457,6 +519,31 @@ def fit_critical_batch(batches: Sequence[float], steps: Sequence[float], *,
                             rmse_log=math.sqrt(best_sse / y.size), n_points=int(y.size), bound=bound)
 
 
+def fit_critical_batch_range(batches: Sequence[float], steps: Sequence[int],
+                             intervals: Sequence[tuple[int, int]]) -> CriticalBatchFit | None:
+    """:func:`fit_critical_batch` on the whole ``steps``, with the range of B_crit over the fits through
+    every combination of the interval ends ``intervals[i] = (low, high)`` (:func:`steps_interval`): how
+    much the coarseness of the counts leaves open. ``range_bound`` holds ``"above"`` when some combination
+    puts B_crit beyond the grid, ``"below"`` when some finds no gain from batch size."""
+    fit = fit_critical_batch(batches, [float(x) for x in steps])
+    if fit is None:
+        return None
+    lows, highs, bounds = [], [], set()
+    combos = {tuple(c) for c in itertools.product(*[sorted({lo, hi}) for lo, hi in intervals])}
+    for combo in sorted(combos):
+        f = fit_critical_batch(batches, [float(x) for x in combo])
+        if f is None:
+            continue
+        lows.append(f.b_crit)
+        highs.append(f.b_crit)
+        if f.bound is not None:
+            bounds.add(f.bound)
+    if lows:
+        fit.b_crit_low, fit.b_crit_high = min(lows), max(highs)
+        fit.range_bound = sorted(bounds)
+    return fit
+
+
 # ------------------------------------------------------------------------------------------------------
 # tuning cost
 # ------------------------------------------------------------------------------------------------------
@@ -468,8 +555,8 @@ class TuningCost:
 
     * ``settings`` / ``finished`` / ``reached``: the grid's settings, those finished, those that reach the
       target;
-    * ``steps_min`` / ``steps_median`` / ``steps_max``: the spread of (interpolated) steps to target over
-      the settings that reach it (the best setting has ``steps_min``);
+    * ``steps_min`` / ``steps_median`` / ``steps_max``: the spread of (whole) steps to target over the
+      settings that reach it (the best setting has ``steps_min``);
     * ``grid_passes``: the forward+backward-equivalent passes every finished run of the grid consumed, as it
       ran (to the end of its budget, or to where it stopped at the target);
     * ``grid_passes_to_target``: the same grid if every run stopped at the target: passes to target for a
@@ -502,8 +589,8 @@ def tuning_costs(spec: StudySpec, results: Sequence[RunResult]) -> list[TuningCo
             runs = [r for r in results if r.method == m.name and r.batch_tokens == b
                     and r.seed == spec.base_seed]
             done = [r for r in runs if r.done]
-            reached = [r for r in done if r.steps_to_target_interp is not None]
-            steps = sorted(float(r.steps_to_target_interp) for r in reached)  # type: ignore[arg-type]
+            reached = [r for r in done if r.steps_to_target is not None]
+            steps = sorted(float(r.steps_to_target) for r in reached)  # type: ignore[arg-type]
             passes = [r.passes or 0.0 for r in done]
             to_target = [(r.passes_to_target if r.passes_to_target is not None else (r.passes or 0.0))
                          for r in done]
@@ -533,7 +620,7 @@ def seed_settings(spec: StudySpec,
 
 
 #: The per-seed quantities a headline ratio can be taken of (RunResult attributes).
-SEED_METRICS: dict[str, str] = {"steps": "steps_to_target_interp", "passes": "passes_to_target",
+SEED_METRICS: dict[str, str] = {"steps": "steps_to_target", "passes": "passes_to_target",
                                 "wall": "wall_to_target"}
 
 
@@ -549,6 +636,18 @@ class SeedRatio:
     denominator: str
     metric: str  # a key of SEED_METRICS
     per_seed: dict[int, float]
+    #: steps ratios: the resolution bracket of each seed's ratio where a side took few steps
+    #: (:func:`steps_ratio_bracket`)
+    brackets: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def resolution(self) -> tuple[float, float] | None:
+        """The lowest and highest end of the seeds' brackets (a seed without one counts its ratio), or
+        None when no seed's ratio has a bracket."""
+        if not self.brackets:
+            return None
+        ends = [self.brackets.get(s, (v, v)) for s, v in self.per_seed.items()]
+        return (min(lo for lo, _ in ends), max(hi for _, hi in ends))
 
     @property
     def values(self) -> list[float]:
@@ -567,9 +666,13 @@ class SeedRatio:
         return max(self.values) if self.per_seed else None
 
     def to_dict(self) -> dict[str, Any]:
+        res = self.resolution
         return {"numerator": self.numerator, "denominator": self.denominator, "metric": self.metric,
                 "per_seed": {str(k): v for k, v in sorted(self.per_seed.items())}, "median": self.median,
-                "min": self.low, "max": self.high}
+                "min": self.low, "max": self.high,
+                "resolution": None if res is None else {
+                    "per_seed": {str(k): list(v) for k, v in sorted(self.brackets.items())},
+                    "min": res[0], "max": res[1]}}
 
 
 def _seed_value(spec: StudySpec, by_seed: dict[str, dict[int, RunResult]], name: str, seed: int,
@@ -605,12 +708,61 @@ def seed_ratios(spec: StudySpec, by_seed: dict[str, dict[int, RunResult]]) -> li
     for num, den, metric in pairs:
         attr = SEED_METRICS[metric]
         per_seed: dict[int, float] = {}
+        brackets: dict[int, tuple[float, float]] = {}
         for s in seeds:
             a, b = _seed_value(spec, by_seed, num, s, attr), _seed_value(spec, by_seed, den, s, attr)
             if a is not None and b is not None and b > 0:
                 per_seed[s] = a / b
-        out.append(SeedRatio(numerator=num, denominator=den, metric=metric, per_seed=per_seed))
+                if metric == "steps" and (br := steps_ratio_bracket(a, b)) is not None:
+                    brackets[s] = br
+        out.append(SeedRatio(numerator=num, denominator=den, metric=metric, per_seed=per_seed,
+                             brackets=brackets))
     return out
+
+
+@dataclass
+class Speedup:
+    """One method's best run at the largest batch against the reference baseline (the baseline with the
+    fewest whole steps to target there, then the lower final loss): the reference's value over the
+    method's (above 1 = the method needs less), and the steps ratio's resolution bracket."""
+
+    method: str
+    reference: str | None
+    steps: int | None
+    reference_steps: int | None
+    steps_speedup: float | None
+    steps_bracket: tuple[float, float] | None
+    passes_speedup: float | None
+    wall_speedup: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["steps_bracket"] = list(self.steps_bracket) if self.steps_bracket is not None else None
+        return d
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def largest_batch_speedups(spec: StudySpec, best: dict[tuple[str, int], RunResult]
+                           ) -> tuple[RunResult | None, list[Speedup]]:
+    """(the reference baseline's run, one :class:`Speedup` per method with a best run at the largest batch);
+    the reference is None when no baseline reached the target there."""
+    b = spec.largest_batch
+    at_b = [(m, r) for m in spec.methods if (r := best.get((m.name, b))) is not None]
+    base = [r for m, r in at_b if not m.is_gn and r.steps_to_target is not None]
+    ref = min(base, key=_rank_key) if base else None
+    out = []
+    for m, r in at_b:
+        rs, s = (ref.steps_to_target if ref is not None else None), r.steps_to_target
+        out.append(Speedup(
+            method=m.name, reference=ref.method if ref is not None else None, steps=s, reference_steps=rs,
+            steps_speedup=_over(rs, s),
+            steps_bracket=steps_ratio_bracket(rs, s) if rs and s else None,
+            passes_speedup=_over(ref.passes_to_target if ref is not None else None, r.passes_to_target),
+            wall_speedup=_over(ref.wall_to_target if ref is not None else None, r.wall_to_target)))
+    return ref, out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -642,6 +794,8 @@ class StudyResults:
     edges: dict[tuple[str, int], list[str]] = field(default_factory=dict)
     #: what each method's grid cost per batch size (:func:`tuning_costs`)
     tuning: list[TuningCost] = field(default_factory=list)
+    #: the best run of every method at the largest batch against the reference baseline
+    speedups: list[Speedup] = field(default_factory=list)
 
     def _in_order(self, d: dict[tuple[str, int], Any]) -> list[tuple[tuple[str, int], Any]]:
         """Items keyed by (method, batch) in the experiment's method order, then by batch."""
@@ -660,6 +814,9 @@ class StudyResults:
                  "grid_edge": self.edges.get((m, b), [])}
                 for (m, b), r in self._in_order(self.best)
             ],
+            "largest_batch": {"batch_tokens": spec.largest_batch,
+                              "reference": next((s.reference for s in self.speedups), None),
+                              "speedups": [s.to_dict() for s in self.speedups]},
             "critical_batch": {m: (f.to_dict() if f is not None else None) for m, f in self.fits.items()},
             "gn_diagnostics": [{"method": m, "batch_tokens": b, **d.to_dict()}
                                for (m, b), d in self._in_order(self.diagnostics)],
@@ -682,7 +839,7 @@ class StudyResults:
 def _apply_target(r: RunResult, target: float | None) -> None:
     r.target_loss = target
     t = to_target(r.curve, target) if r.done else ToTarget()
-    r.steps_to_target, r.steps_to_target_interp = t.steps, t.steps_interp
+    r.steps_to_target, r.steps_to_target_interp, r.previous_eval = t.steps, t.steps_interp, t.previous_eval
     r.tokens_to_target, r.passes_to_target, r.wall_to_target = t.tokens, t.passes, t.wall
     if r.status == "stopped" and r.steps_to_target is None:
         r.status = "partial"  # it stopped at a higher loss than this target: the study continues it
@@ -704,11 +861,7 @@ def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: R
     best = select_best(results)
     for r in best.values():
         r.selected = True
-    fits: dict[str, CriticalBatchFit | None] = {}
-    for m in spec.methods:
-        pts = [(b, best[(m.name, b)].steps_to_target_interp) for b in spec.batch_tokens
-               if (m.name, b) in best and best[(m.name, b)].steps_to_target_interp is not None]
-        fits[m.name] = fit_critical_batch([p[0] for p in pts], [float(p[1]) for p in pts])  # type: ignore[arg-type]
+    fits = critical_batch_fits(spec, best)
     diagnostics = {key: d for key, r in best.items() if (d := gn_diagnostics(r.curve)) is not None}
     warm = read_run(warmup, study_dir) if warmup is not None else None
     seed_results: list[RunResult] = []
@@ -729,4 +882,18 @@ def analyse(spec: StudySpec, study_dir: Path, runs: Sequence[RunSpec], warmup: R
                         fits=fits, warmup=warm, diagnostics=diagnostics, seed_runs=seed_results,
                         by_seed=by_seed, ratios=seed_ratios(spec, by_seed) if by_seed else [],
                         seed_diagnostics=seed_diag, edges=grid_edges(results, best),
-                        tuning=tuning_costs(spec, results))
+                        tuning=tuning_costs(spec, results), speedups=largest_batch_speedups(spec, best)[1])
+
+
+def critical_batch_fits(spec: StudySpec, best: dict[tuple[str, int], RunResult]
+                        ) -> dict[str, CriticalBatchFit | None]:
+    """Each method's S(B) fit on its best whole steps to target, with the B_crit range of the counts'
+    intervals (:func:`fit_critical_batch_range`)."""
+    fits: dict[str, CriticalBatchFit | None] = {}
+    for m in spec.methods:
+        pts = [r for b in spec.batch_tokens if (r := best.get((m.name, b))) is not None
+               and r.steps_interval is not None]
+        fits[m.name] = fit_critical_batch_range([r.batch_tokens for r in pts],
+                                                [r.steps_to_target for r in pts],  # type: ignore[misc]
+                                                [r.steps_interval for r in pts])  # type: ignore[misc]
+    return fits

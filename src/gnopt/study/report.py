@@ -19,12 +19,14 @@ import numpy as np
 from gnopt.checkpoint import atomic_write_bytes, atomic_write_text
 from gnopt.errors import GnoptError
 from gnopt.study.analysis import (
+    FEW_STEPS,
     RUN_COLUMNS,
     SEED_METRICS,
     CriticalBatchFit,
     RunResult,
     SeedRatio,
     StudyResults,
+    largest_batch_speedups,
 )
 from gnopt.study.spec import StudySpec
 
@@ -80,6 +82,17 @@ def _fmt(v: Any, kind: str = "g") -> str:
     if isinstance(v, int):
         return f"{v:,}" if kind == "int" else str(v)
     return str(v)
+
+
+def ratio_text(value: float | None, bracket: tuple[float, float] | None, *, digits: int = 2,
+               unit: str = "x") -> str:
+    """A ratio as ``6.00x``, with its resolution bracket where it has one: ``6.00x [4.00x–12.00x]``."""
+    if value is None:
+        return "–"
+    out = f"{value:.{digits}f}{unit}"
+    if bracket is not None:
+        out += f" [{bracket[0]:.{digits}f}{unit}–{bracket[1]:.{digits}f}{unit}]"
+    return out
 
 
 def _warm_start_share(spec: StudySpec, tokens: int) -> str:
@@ -210,8 +223,9 @@ def plot_steps_vs_batch(results: StudyResults, path: Path) -> None:
     dense = np.geomspace(bmin / 1.5, bmax * 1.5, 200)
     drawn = 0
     for i, m in enumerate(spec.methods):
-        pts = [(b, results.best[(m.name, b)].steps_to_target_interp) for b in spec.batch_tokens
-               if (m.name, b) in results.best and results.best[(m.name, b)].steps_to_target_interp]
+        runs = [r for b in spec.batch_tokens if (r := results.best.get((m.name, b))) is not None
+                and r.steps_to_target]  # on a log axis: a run at the target from the start has no point
+        pts = [(r.batch_tokens, r.steps_to_target) for r in runs]
         if not pts:
             continue
         color = f"C{i % 10}"
@@ -220,9 +234,11 @@ def plot_steps_vs_batch(results: StudyResults, path: Path) -> None:
         if fit is not None:
             bc = _tokens(fit.b_crit) if fit.b_crit > 0 else "0"
             edge = {"above": " (> grid)", "below": " (< grid)"}.get(fit.bound or "", "")
-            label += f": B_crit≈{bc}{edge}"
+            label += f": B_crit≈{bc}{edge}" + (f" [{_crit_range(fit)}]" if fit.b_crit_low is not None else "")
         xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o", linestyle="none", color=color, label=label)
+        lows = [s - r.steps_interval[0] for r, s in zip(runs, ys, strict=True)]  # type: ignore[index]
+        ax.errorbar(xs, ys, yerr=[lows, [0] * len(ys)], marker="o", linestyle="none", color=color,
+                    capsize=2, label=label)
         if fit is not None:
             ax.plot(dense, fit.steps(dense), color=color, linewidth=1.0,
                     linestyle="-" if not m.is_gn else "--")
@@ -235,7 +251,7 @@ def plot_steps_vs_batch(results: StudyResults, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size (tokens per step)")
-    ax.set_ylabel("steps to target (interpolated)")
+    ax.set_ylabel("whole steps to target (bar: since the previous evaluation)")
     tl = f"{results.target_loss:.4f}" if results.target_loss is not None else "undetermined"
     ax.set_title(f"{spec.name}: steps to val loss {tl}; fit S(B)=S_min(1+B_noise/B), ★ = B_crit")
     ax.set_xticks(list(spec.batch_tokens))
@@ -283,19 +299,19 @@ def _seed_sections(results: StudyResults) -> list[str]:
            f"{spec.base_seed}, as "
            f"above) re-run with data seeds {', '.join(str(x) for x in spec.extra_seeds)}: the seed sets the "
            "order of the training batches and of the micro-batches GN's line search draws; every seed starts "
-           "from the same shared warm start. Steps to target are interpolated; `median [min–max]` over the "
-           "seeds that reached the target.\n"]
+           "from the same shared warm start. Steps to target are whole outer steps (to the first evaluation "
+           "at or below the target); `median [min–max]` over the seeds that reached the target.\n"]
     rows = []
     for m in spec.methods:
         runs = results.by_seed.get(m.name)
         if not runs:
             continue
         first = next(iter(runs.values()))
-        per = [_fmt(runs[s].steps_to_target_interp, "steps") if s in runs and runs[s].done
+        per = [_fmt(runs[s].steps_to_target) if s in runs and runs[s].done
                else ("not run" if s not in runs else runs[s].status) for s in seeds]
         done = [r for r in runs.values() if r.done]
         vals = {k: [v for r in done if (v := getattr(r, a)) is not None] for k, a in SEED_METRICS.items()}
-        rows.append([m.name, _setting(first), *per, _spread(vals["steps"], "steps"),
+        rows.append([m.name, _setting(first), *per, _spread(vals["steps"], "g"),
                      _spread(vals["passes"], "int"), _spread(vals["wall"], "s"),
                      _spread([r.final_val_loss for r in done if r.final_val_loss is not None], "loss")])
     out.append(_table(["method", "lr", *[f"steps, seed {x}" for x in seeds], "steps to target",
@@ -304,10 +320,16 @@ def _seed_sections(results: StudyResults) -> list[str]:
         out.append("\nHeadline ratios, per seed and as median [min–max] over seeds. Speed-up over the best "
                    "baseline: in each seed, the smallest steps (passes, wall time) to target of any baseline "
                    "divided by the method's (above 1 = the method needs less). `A / B`: A's value divided by "
-                   "B's (above 1 = A needs more). A seed counts when both sides reached the target.\n")
-        rrows = [[_ratio_name(r), *[f"{r.per_seed[x]:.2f}" if x in r.per_seed else "–" for x in seeds],
-                  _spread(r.values, "ratio")] for r in results.ratios]
-        out.append(_table(["ratio", *[f"seed {x}" for x in seeds], "median [range]"], rrows))
+                   "B's (above 1 = A needs more). A seed counts when both sides reached the target. Steps "
+                   f"ratios are of whole steps; where a side took {FEW_STEPS} steps or fewer, the ratio's "
+                   "resolution bracket (that side one whole step either way, at least 1) follows in "
+                   "brackets, and `resolution` spans the seeds' brackets.\n")
+        rrows = [[_ratio_name(r), *[ratio_text(r.per_seed[x], r.brackets.get(x), unit="")
+                                    if x in r.per_seed else "–" for x in seeds],
+                  _spread(r.values, "ratio"),
+                  "–" if (res := r.resolution) is None else f"{res[0]:.2f}–{res[1]:.2f}"]
+                 for r in results.ratios]
+        out.append(_table(["ratio", *[f"seed {x}" for x in seeds], "median [range]", "resolution"], rrows))
     drows = []
     for (m, seed), d in sorted(results.seed_diagnostics.items(), key=lambda kv: (results._order(kv[0][0]),
                                                                                   kv[0][1])):
@@ -325,15 +347,15 @@ def tuning_section(results: StudyResults) -> list[str]:
     """What finding each method's best setting cost, per batch size (:class:`TuningCost`)."""
     out = ["\n## Tuning cost\n",
            "What finding the best setting cost, per method and batch size, over the sweep's settings: how "
-           "many reach the target, the spread of their (interpolated) steps to target, the "
+           "many reach the target, the spread of their (whole) steps to target, the "
            "forward+backward-equivalent passes the whole grid consumed as it ran, the passes it would "
            "have consumed had every run stopped at the target (a run that misses it counts whole; this "
            "column compares across studies), and the best setting's passes to target. "
            "`grid / best` = the grid's passes to target over the best setting's.\n"]
     rows = []
     for t in results.tuning:
-        spread = ("–" if t.steps_min is None else f"{t.steps_min:.1f}" if t.reached == 1
-                  else f"{t.steps_min:.1f}–{t.steps_max:.1f} (median {t.steps_median:.1f})")
+        spread = ("–" if t.steps_min is None else f"{t.steps_min:g}" if t.reached == 1
+                  else f"{t.steps_min:g}–{t.steps_max:g} (median {t.steps_median:g})")
         ratio = (f"{t.grid_passes_to_target / t.best_passes:.1f}x"
                  if t.best_passes and t.finished == t.settings else "–")
         rows.append([t.method, _tokens(t.batch_tokens), f"{t.reached} of {t.settings}"
@@ -348,31 +370,28 @@ def tuning_section(results: StudyResults) -> list[str]:
 
 def largest_batch_comparison(
         results: StudyResults) -> tuple[RunResult | None, list[str], list[list[str]]] | None:
-    """The best run of every method at the largest batch against the baseline with the fewest steps to
-    target: (that baseline, headers, rows); None when no method reached the target there."""
+    """The best run of every method at the largest batch against the baseline with the fewest whole steps
+    to target (:func:`~gnopt.study.analysis.largest_batch_speedups`): (that baseline, headers, rows); None
+    when no method reached the target there."""
     spec = results.spec
     b = spec.largest_batch
+    ref, speedups = largest_batch_speedups(spec, results.best)
+    by_name = {s.method: s for s in speedups}
     at_b = [(m, r) for m in spec.methods if (r := results.best.get((m.name, b))) is not None]
-    reached = [(m, r) for m, r in at_b if r.steps_to_target_interp is not None]
-    if not reached:
+    if not any(r.steps_to_target is not None for _, r in at_b):
         return None
-    base_runs = [r for m, r in reached if not m.is_gn]
-    ref = min(base_runs, key=lambda r: r.steps_to_target_interp or math.inf) if base_runs else None
-
-    def speedup(attr: str, r: RunResult) -> str:
-        a, v = (getattr(ref, attr) if ref is not None else None), getattr(r, attr)
-        return f"{a / v:.2f}x" if a and v else "–"
-
     rows = []
     for m, r in at_b:
-        if r.steps_to_target_interp is None:
+        if r.steps_to_target is None:
             rows.append([m.name, _setting(r), "not reached", "–", "–", "–", "–", "–",
                          _fmt(r.final_val_loss, "loss")])
             continue
-        rows.append([m.name, _setting(r), _fmt(r.steps_to_target_interp, "steps"),
-                     speedup("steps_to_target_interp", r), _fmt(r.passes_to_target, "int"),
-                     speedup("passes_to_target", r), _fmt(r.wall_to_target, "s"),
-                     speedup("wall_to_target", r), _fmt(r.final_val_loss, "loss")])
+        sp = by_name[m.name]
+        rows.append([m.name, _setting(r), _fmt(r.steps_to_target),
+                     ratio_text(sp.steps_speedup, sp.steps_bracket),
+                     _fmt(r.passes_to_target, "int"), ratio_text(sp.passes_speedup, None),
+                     _fmt(r.wall_to_target, "s"), ratio_text(sp.wall_speedup, None),
+                     _fmt(r.final_val_loss, "loss")])
     headers = ["method", "lr", "steps to target", "speed-up (steps)", "passes to target",
                "speed-up (passes)", "wall to target (s)", "speed-up (wall)", "final val loss"]
     return ref, headers, rows
@@ -404,8 +423,9 @@ def summary_text(results: StudyResults, study_dir: Path) -> str:
             lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                                    enumerate(zip(row, widths, strict=True))).rstrip())
         if ref is not None:
-            lines.append(f"Speed-ups relative to {ref.method}, the baseline with the fewest steps to target "
-                         "(above 1 = fewer than it).")
+            lines.append(f"Speed-ups relative to {ref.method}, the baseline with the fewest whole steps to "
+                         "target (above 1 = fewer than it); [..] = the steps ratio with a side of "
+                         f"{FEW_STEPS} steps or fewer one step either way.")
     fits = [(m, f) for m in spec.methods if (f := results.fits.get(m.name)) is not None]
     if fits:
         def crit(name: str, f: CriticalBatchFit) -> str:
@@ -413,7 +433,7 @@ def summary_text(results: StudyResults, study_dir: Path) -> str:
                 return f"{name} beyond the grid (its steps still fall with the batch)"
             if f.bound == "below" or f.b_crit <= 0:
                 return f"{name} below the grid (no gain from batch size in it)"
-            return (f"{name} {_tokens(f.b_crit)} tokens (the largest batch is "
+            return (f"{name} {_tokens(f.b_crit)} tokens [{_crit_range(f)}] (the largest batch is "
                     f"{spec.largest_batch / f.b_crit:.1f}x it)")
 
         lines.append("Critical batch size (fit of steps to target over the batch grid): "
@@ -424,6 +444,15 @@ def summary_text(results: StudyResults, study_dir: Path) -> str:
                  + (f"; validation loss vs step: {_display_path(study_dir / PLOT_LOSS)}"
                     if (study_dir / PLOT_LOSS).is_file() else ""))
     return "\n".join(lines)
+
+
+def _crit_range(f: CriticalBatchFit) -> str:
+    """B_crit's range over the fits through the steps intervals' ends, e.g. ``317K–600K``."""
+    if f.b_crit_low is None or f.b_crit_high is None:
+        return "–"
+    lo = "< grid" if "below" in f.range_bound else (_tokens(f.b_crit_low) if f.b_crit_low > 0 else "0")
+    hi = "> grid" if "above" in f.range_bound else _tokens(f.b_crit_high)
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 def render_report(results: StudyResults) -> str:
@@ -495,9 +524,11 @@ def render_report(results: StudyResults) -> str:
 
     # --- best per (method, batch) --------------------------------------------------------------------
     lines.append("\n## Best setting per method and batch size\n")
-    lines.append("Steps, tokens (training + line-search), forward+backward-equivalent passes and wall "
-                 "seconds are counted up to the first evaluation at or below the target; `–` = target not "
-                 "reached within the budget.\n")
+    lines.append("Steps (whole outer steps), tokens (training + line-search), forward+backward-equivalent "
+                 "passes and wall seconds are counted up to the first evaluation at or below the target; "
+                 "`evaluated` = the evaluation interval that step ends (the target was crossed after its "
+                 "start); `–` = target not reached within the budget. Interpolated steps, a fraction of a "
+                 f"step no method takes, are in `{RUNS_CSV}` only.\n")
     rows = []
     for m in spec.methods:
         for b in spec.batches_of(m):
@@ -508,10 +539,11 @@ def render_report(results: StudyResults) -> str:
             edge = results.edges.get((m.name, b))
             rows.append([m.name, _tokens(b), _setting(r) + (f" ({', '.join(edge)})" if edge else ""),
                          f"{r.steps_planned}", _fmt(r.steps_to_target),
-                         _fmt(r.steps_to_target_interp, "steps"), _tokens(r.tokens_to_target),
+                         "–" if (iv := r.steps_interval) is None else f"{iv[0]}–{iv[1]}" if iv[0] < iv[1]
+                         else f"{iv[1]}", _tokens(r.tokens_to_target),
                          _fmt(r.passes_to_target, "int"), _fmt(r.wall_to_target, "s"),
                          _fmt(r.final_val_loss, "loss")])
-    lines.append(_table(["method", "batch", "lr", "steps", "steps to target", "(interp.)", "tokens to target",
+    lines.append(_table(["method", "batch", "lr", "steps", "steps to target", "evaluated", "tokens to target",
                          "passes to target", "wall to target (s)", "final val loss"], rows))
     if results.best:
         inside = "Every best setting lies inside its grid (neither its lowest nor its highest value)."
@@ -522,8 +554,10 @@ def render_report(results: StudyResults) -> str:
     if comparison is not None:
         ref, headers, rows = comparison
         lines.append(f"\n## At the largest batch ({_tokens(spec.largest_batch)} tokens)\n")
-        lines.append("Speed-ups are relative to the baseline with the fewest steps to target"
-                     + (f" ({ref.method})" if ref is not None else "") + "; above 1 = fewer than it.\n")
+        lines.append("Speed-ups are relative to the baseline with the fewest whole steps to target"
+                     + (f" ({ref.method})" if ref is not None else "") + "; above 1 = fewer than it. "
+                     f"Where a side took {FEW_STEPS} steps or fewer, the steps speed-up is followed by its "
+                     "resolution bracket: that side one whole step either way (at least 1).\n")
         lines.append(_table(headers, rows))
 
     # --- seeds ----------------------------------------------------------------------------------------
@@ -536,25 +570,28 @@ def render_report(results: StudyResults) -> str:
 
     # --- critical batch --------------------------------------------------------------------------------
     lines.append("\n## Critical batch size\n")
-    lines.append("Fit of S(B) = S_min·(1 + B_noise/B) to the best interpolated steps to target over the "
+    lines.append("Fit of S(B) = S_min·(1 + B_noise/B) to the best whole steps to target over the "
                  "batch sizes where the target was reached (least squares on log S). B_crit = B_noise: the "
                  "batch at which a method needs twice its minimal steps (and twice its minimal tokens). "
                  "`> grid` / `< grid`: the fit runs into the edge of its search range (B_crit far above / "
-                 f"below the grid). See `{PLOT_STEPS}`.\n")
+                 "below the grid). `B_crit range`: the lowest and highest B_crit of the fits through every "
+                 "combination of the points' interval ends (a count of s steps, evaluated after step p: "
+                 f"max(p, 1) or s), what the coarse counts leave open. See `{PLOT_STEPS}`.\n")
     rows = []
     for m in spec.methods:
         fit = results.fits.get(m.name)
         npts = sum(1 for bb in spec.batch_tokens if (m.name, bb) in results.best
-                   and results.best[(m.name, bb)].steps_to_target_interp is not None)
+                   and results.best[(m.name, bb)].steps_to_target is not None)
         if fit is None:
-            rows.append([m.name, "–", "–", str(npts), "–", "too few points (needs 2 batch sizes at target)"])
+            rows.append([m.name, "–", "–", "–", str(npts), "–",
+                         "too few points (needs 2 batch sizes at target)"])
             continue
         edge = {"above": "> grid", "below": "< grid"}.get(fit.bound or "", "")
         rows.append([m.name, _fmt(fit.s_min, "steps"), _tokens(fit.b_crit) + (f" ({edge})" if edge else ""),
-                     str(fit.n_points), f"{fit.rmse_log:.3f}",
+                     _crit_range(fit), str(fit.n_points), f"{fit.rmse_log:.3f}",
                      "exact (2 points)" if fit.n_points == 2 else ""])
-    lines.append(_table(["method", "S_min (steps)", "B_crit (tokens)", "points", "rmse(log S)", "note"],
-                        rows))
+    lines.append(_table(["method", "S_min (steps)", "B_crit (tokens)", "B_crit range", "points",
+                         "rmse(log S)", "note"], rows))
 
     # --- GN diagnostics --------------------------------------------------------------------------------
     drows = []
