@@ -203,30 +203,18 @@ class GaussNewton(torch.optim.Optimizer):
 
     def _step(self, batches: Iterator[Batch]) -> GNStepRecord:
         theta = self._theta()  # θ_t, the linearization point
-        rec = GNStepRecord(step=self._t, loss=float("nan"), mode=self.mode, alpha=None, rejected=False,
-                           alphas=[], ls_losses=[], damping=self.damping, ls_kind=self.line_search.kind)
+        rec = self._record()
         ls = self.line_search
         # 1. the inner solver minimizes the model around θ_t: θ̂_b for every block
-        t0 = time.perf_counter()
-        kept = None  # the N inner micro-batches, when the solver or the line search needs them up front
-        if self.inner.fixed_batches or ls.source == "inner":
-            kept = [next_batch(batches) for _ in range(self.inner_steps)]
-        problem = Problem(
-            model=self.model, loss=self.loss, mode=self.mode, theta=theta, blocks=self._blocks, t=self._t,
-            inner_steps=self.inner_steps, schedule=self.schedule, reg=self.damping + self.prox,
-            warm_scale=self.warm_scale, inner_clip=self.inner_clip, mean=self._mean, batches=batches,
-            kept=kept,
-        )
-        self.inner.solve(problem, rec)
-        rec.time_inner = time.perf_counter() - t0
+        problem = self._solve(theta, batches, rec)
 
         # 2. the direction d = θ̂ − θ_t and the line search's α* on its own micro-batches
         t1 = time.perf_counter()
-        direction = {n: blk.theta_hat[n].detach() - theta[n] for blk in self._blocks for n in blk.names}
+        direction = self._direction(theta)
         rec.direction_norm = norm(direction)
         if ls.source == "inner":
-            assert kept is not None
-            ls_batches = kept
+            assert problem.kept is not None
+            ls_batches = problem.kept
         else:
             n_ls = ls.batches_for(self.inner_steps)
             ls_batches = [next_batch(batches) for _ in range(n_ls)]
@@ -246,6 +234,42 @@ class GaussNewton(torch.optim.Optimizer):
         self._finish(direction, alpha, restart, rec)
         self._t += 1
         return rec
+
+    def inner_direction(self, batches: Iterator[Batch]) -> Dict:
+        """The inner solve of one outer step alone: d = θ̂ − θ_t after the N inner steps on ``batches``
+        (``inner_steps`` micro-batches), with no line search and no update.
+
+        θ_t (the model) and the step count stay; θ̂ and the inner optimizers' state advance exactly as in
+        :meth:`step`, so call it on a copy to keep them (:func:`gnopt.optim.probe.gn_direction` does).
+        """
+        with model_autocast(self.autocast_dtype):
+            theta = self._theta()
+            self._solve(theta, batches, self._record())
+            return self._direction(theta)
+
+    def _record(self) -> GNStepRecord:
+        return GNStepRecord(step=self._t, loss=float("nan"), mode=self.mode, alpha=None, rejected=False,
+                            alphas=[], ls_losses=[], damping=self.damping, ls_kind=self.line_search.kind)
+
+    def _solve(self, theta: Dict, batches: Iterator[Batch], rec: GNStepRecord) -> Problem:
+        """Step 1: the inner solver leaves θ̂_b, its minimizer of the model around θ_t, in every block."""
+        t0 = time.perf_counter()
+        kept = None  # the N inner micro-batches, when the solver or the line search needs them up front
+        if self.inner.fixed_batches or self.line_search.source == "inner":
+            kept = [next_batch(batches) for _ in range(self.inner_steps)]
+        problem = Problem(
+            model=self.model, loss=self.loss, mode=self.mode, theta=theta, blocks=self._blocks, t=self._t,
+            inner_steps=self.inner_steps, schedule=self.schedule, reg=self.damping + self.prox,
+            warm_scale=self.warm_scale, inner_clip=self.inner_clip, mean=self._mean, batches=batches,
+            kept=kept,
+        )
+        self.inner.solve(problem, rec)
+        rec.time_inner = time.perf_counter() - t0
+        return problem
+
+    def _direction(self, theta: Dict) -> Dict:
+        """d = θ̂ − θ_t over every block."""
+        return {n: blk.theta_hat[n].detach() - theta[n] for blk in self._blocks for n in blk.names}
 
     @torch.no_grad()
     def _finish(self, d: Dict, alpha: float | None, restart: bool, rec: GNStepRecord) -> None:
