@@ -23,6 +23,7 @@ from gnopt.cli import main
 from gnopt.config import (
     TrainConfig,
     fingerprint,
+    fingerprint_diff,
     fingerprint_fields,
     resolve,
     resolve_in_folder,
@@ -198,6 +199,22 @@ def test_config_default_recording_and_old_fingerprints() -> None:
     assert resolve(unset, {"muon_ns_precision": None}).muon_ns_precision == "fp32"  # it ran no Muon
     assert resolve(given, {}).muon_ns_precision == "fp32"
     assert resolve(TrainConfig(optimizer="adamw", device="cpu"), {}).muon_ns_precision is None
+
+
+def test_a_recorded_config_diffs_as_its_fingerprint_reads_it() -> None:
+    # config.json records every field (an AdamW run: muon_ns_precision null); a resume compares it with the
+    # fingerprint fields, which leave the unused field out: that is no change, in either direction.
+    adamw = _cfg(optimizer="adamw")
+    recorded = json.loads(json.dumps(adamw.to_dict()))
+    assert recorded["muon_ns_precision"] is None
+    assert fingerprint_diff(recorded, fingerprint_fields(adamw)) == []
+    assert fingerprint_diff(fingerprint_fields(adamw), recorded) == []
+    # A Muon run recorded before the field existed ran bf16: the same as bf16 now, not the same as fp32.
+    old_muon = {k: v for k, v in _cfg(optimizer="muon").to_dict().items() if k != "muon_ns_precision"}
+    bf16 = _cfg(optimizer="muon", muon_ns_precision="bf16")
+    assert fingerprint_diff(old_muon, fingerprint_fields(bf16)) == []
+    assert fingerprint_diff(old_muon, fingerprint_fields(_cfg(optimizer="muon"))) == [
+        "muon_ns_precision: 'bf16' -> 'fp32'"]
 
 
 def test_resolve_in_folder_keeps_what_the_folder_records(tmp_path: Path) -> None:

@@ -526,13 +526,19 @@ def _recorded_default(recorded: Mapping[str, Any] | None, name: str) -> Any:
     return recorded.get(name, ADDED_FIELDS[name])
 
 
-def fingerprint_fields(cfg: TrainConfig) -> dict[str, Any]:
-    """The fields that define what a run computes (everything but :data:`RUN_CONTROL_FIELDS`)."""
+def _defining(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` without what defines nothing: run-control fields, added fields at the value runs had
+    before they existed, and added optional fields a run does not use (``None``)."""
     return {
-        k: v for k, v in cfg.to_dict().items()
+        k: v for k, v in fields.items()
         if k not in RUN_CONTROL_FIELDS and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])
         and not (k in ADDED_OPTIONAL_FIELDS and v is None)
     }
+
+
+def fingerprint_fields(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields that define what a run computes (everything but :data:`RUN_CONTROL_FIELDS`)."""
+    return _defining(cfg.to_dict())
 
 
 def fingerprint(cfg: TrainConfig) -> str:
@@ -542,11 +548,11 @@ def fingerprint(cfg: TrainConfig) -> str:
 
 
 def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Human-readable ``field: old -> new`` lines for the fingerprint fields that differ."""
+    """Human-readable ``field: old -> new`` lines for the fingerprint fields that differ. Either side may be
+    a recorded config or :func:`fingerprint_fields`: both are read the way the fingerprint reads them."""
+    old, new = _defining(old), _defining(new)
     lines = []
     for key in sorted(set(old) | set(new)):
-        if key in RUN_CONTROL_FIELDS:
-            continue
         a = old.get(key, ADDED_FIELDS.get(key, "<absent>"))
         b = new.get(key, ADDED_FIELDS.get(key, "<absent>"))
         if a != b:
