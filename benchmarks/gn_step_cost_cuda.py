@@ -44,7 +44,8 @@ from gn_step_cost import adamw_step, batches, make_gn, muon_optimizers, products
 
 from gnopt.model import build_model
 from gnopt.optim import SoftmaxCrossEntropy, model_autocast
-from gnopt.precision import PRECISIONS, autocast_dtype, bf16_supported
+from gnopt.optim.ns_precision import NS_PRECISIONS
+from gnopt.precision import PRECISIONS, autocast_dtype, bf16_supported, default_muon_ns_precision
 from gnopt.steppers import forward, lm_loss
 
 #: ``gn_default``: the library's defaults (model line search on ⌈N/8⌉ micro-batches); the others keep the
@@ -95,7 +96,7 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device) -> dic
     weights = torch.cuda.memory_allocated() if cuda else 0
     if variant in SINGLE:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        muon = muon_optimizers(model) if variant == "muon" else []
+        muon = muon_optimizers(model, args.muon_ns_precision) if variant == "muon" else []
         ce = SoftmaxCrossEntropy()
 
         def one() -> None:
@@ -107,7 +108,8 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device) -> dic
                 with model_autocast(dtype):
                     products_step(model, next(it), ce)
     else:
-        gn = make_gn(model, variant, args.inner_steps, args.ls_range, autocast_dtype=dtype)
+        gn = make_gn(model, variant, args.inner_steps, args.ls_range, args.muon_ns_precision,
+                     autocast_dtype=dtype)
 
         def one() -> None:
             gn.step(it)
@@ -139,6 +141,8 @@ def main() -> int:
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="fp32, or bf16-mixed (bf16 autocast for the model's passes, float32 weights/states)")
+    p.add_argument("--muon-ns-precision", choices=tuple(NS_PRECISIONS), default=None,
+                   help="Newton-Schulz precision of every Muon (default: the device's, as gnopt train picks)")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--variants", metavar="A,B",
                    help=f"comma-separated subset of {', '.join((*SINGLE, *VARIANTS))} (default: all; adamw, "
@@ -164,6 +168,8 @@ def main() -> int:
         print(f"gn_step_cost_cuda: error: --precision {args.precision} needs a bf16 GPU (Ampere or newer)",
               file=sys.stderr)
         return 2
+    if args.muon_ns_precision is None:
+        args.muon_ns_precision = default_muon_ns_precision(device.type)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     res = {}
