@@ -9,11 +9,11 @@ Inputs (committed files only; nothing here is fitted beyond them):
   and its wall time to the target, whose ratio is the measured seconds per step at P = 1 (this 2-core dev
   box, AMD EPYC, torch 2.13 CPU, one thread per run, two runs side by side, evaluations included). The
   seed runs at 256K give the spread of whole steps across data orders.
-* ``benchmarks/results/gn_step_cost.md`` (same box, 2 threads, ``cpu-small``): the serial per-step work that
-  does not shrink with P, as differences of measured step times: Muon's update = Muon step − AdamW step at
-  N = 8 (1.803 − 1.773 s); GN's inner Muon update per inner step = inner step with inner Muon − with inner
-  AdamW (0.4304 − 0.4092 s). AdamW's and SOAP's updates, and GN's inner AdamW part, are taken as 0 (not
-  measured apart: optimistic for those).
+* ``benchmarks/results/gn_step_cost_2threads_bf16.md`` (same box, 2 threads, ``cpu-small``, torch's bf16
+  Newton–Schulz): the serial per-step work that does not shrink with P, as differences of measured step times:
+  Muon's update = Muon step − AdamW step at N = 8 (1.803 − 1.773 s); GN's inner Muon update per inner step =
+  inner step with inner Muon − with inner AdamW (0.4304 − 0.4092 s). AdamW's and SOAP's updates, and GN's
+  inner AdamW part, are taken as 0 (not measured apart: optimistic for those).
 * The collectives GN issues, counted "as it runs": :func:`count_gn_collectives` runs outer steps of
   ``GaussNewton`` (library defaults) on the tiny model with a counting ``all_reduce_mean`` and fits
   calls per outer step = a·N + b (parameter-sized) and c·N + d (scalars) over two N.
@@ -50,7 +50,7 @@ OUT = ROOT / "docs" / "results"
 N_PARAMS = 1_377_408  # cpu-small with the 2048-token BPE (docs/results/cpu-lm-batch.md)
 SEQ = 128
 MICRO_ROWS = 16
-#: Serial work per step (s), from benchmarks/results/gn_step_cost.md (see the module docstring).
+#: Serial work per step (s), from benchmarks/results/gn_step_cost_2threads_bf16.md (see the module docstring).
 U_STEP = {"adamw": 0.0, "muon": 1.803 - 1.773, "soap": 0.0}
 U_INNER_GN = 0.4304 - 0.4092
 BETA = 12.5e9  # bytes/s
@@ -217,7 +217,8 @@ def render(points: list[Point], coll: dict[str, float], res: dict[str, Any]) -> 
         f"gradient all-reduce per step and one for the loss. Gradient: 4 × {N_PARAMS:,} bytes. Ring: "
         f"β = {BETA / 1e9:g} GB/s, α = {ALPHA * 1e6:g} µs per hop. Serial work per step that P does not "
         f"divide: Muon's update {U_STEP['muon'] * 1e3:.0f} ms per step, GN's inner Muon update "
-        f"{U_INNER_GN * 1e3:.1f} ms per inner step (`benchmarks/results/gn_step_cost.md`); AdamW and SOAP 0.",
+        f"{U_INNER_GN * 1e3:.1f} ms per inner step (`benchmarks/results/gn_step_cost_2threads_bf16.md`); "
+        "AdamW and SOAP 0.",
         "",
         "## Wall time to the target at each method's best P",
         "",

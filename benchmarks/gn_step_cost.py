@@ -317,6 +317,8 @@ def main() -> None:
     p.add_argument("--skip-memory", action="store_true", help="leave out the peak-memory subprocesses")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--name", default="gn_step_cost",
+                   help="results name in benchmarks/results (e.g. for a run under the no-bf16 emulation)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -336,7 +338,7 @@ def main() -> None:
         "memory_ratio_total": {v: m["peak_rss_mb"] / base["peak_rss_mb"] for v, m in memory.items()} if base
         else {},
     }
-    publish("gn_step_cost", result, render, write=not args.no_write)
+    publish(args.name, result, render, write=not args.no_write)
 
 
 def render(r: dict[str, Any]) -> str:
