@@ -124,8 +124,10 @@ def _check_spec(spec: StudySpec, recorded: dict[str, Any]) -> None:
 
 
 def _diagnostics(recorded: dict[str, Any]) -> GNDiagnostics:
-    """A recorded GN diagnostics entry; a field an older study did not record is None (shown as –)."""
-    return GNDiagnostics(**{f.name: recorded.get(f.name) for f in fields(GNDiagnostics)})
+    """A recorded GN diagnostics entry; a field an older study did not record is NaN, which the report
+    shows as `nan` (not recorded; :func:`rederive` writes it as `n/r`)."""
+    got = {f.name: recorded.get(f.name) for f in fields(GNDiagnostics)}
+    return GNDiagnostics(**{k: (math.nan if v is None and k.startswith("share_") else v) for k, v in got.items()})
 
 
 def rederive(folder: Path, *, plots: bool = True) -> StudyResults:
@@ -166,7 +168,7 @@ def rederive(folder: Path, *, plots: bool = True) -> StudyResults:
     atomic_write_text(folder / STUDY_JSON, json.dumps(data, indent=1) + "\n")
     if plots:
         plot_steps_vs_batch(out, folder / PLOT_STEPS)
-    report = render_report(out)
+    report = render_report(out).replace("nan%", "n/r")
     head, _, rest = report.partition("\n\n")
     atomic_write_text(folder / REPORT_MD, head + "\n\n" + NOTE.format(name=folder.name) + "\n" + rest)
     return out
