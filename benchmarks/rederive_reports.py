@@ -120,14 +120,16 @@ def _check_spec(spec: StudySpec, recorded: dict[str, Any]) -> None:
     names = [(m["name"], m["lr"], m["adam_lr"]) for m in mine["methods"]]
     were = [(m["name"], m["lr"], m["adam_lr"]) for m in recorded["methods"]]
     if names != were:
-        raise SystemExit(f"{spec.name}: the experiment file's methods {names} differ from study.json's {were}")
+        raise SystemExit(f"{spec.name}: the experiment file's methods {names} differ from study.json's "
+                         f"{were}")
 
 
 def _diagnostics(recorded: dict[str, Any]) -> GNDiagnostics:
     """A recorded GN diagnostics entry; a field an older study did not record is NaN, which the report
     shows as `nan` (not recorded; :func:`rederive` writes it as `n/r`)."""
     got = {f.name: recorded.get(f.name) for f in fields(GNDiagnostics)}
-    return GNDiagnostics(**{k: (math.nan if v is None and k.startswith("share_") else v) for k, v in got.items()})
+    return GNDiagnostics(**{k: (math.nan if v is None and k.startswith("share_") else v)
+                            for k, v in got.items()})
 
 
 def rederive(folder: Path, *, plots: bool = True) -> StudyResults:

@@ -8,10 +8,11 @@ map is one batch size B of one study where GN (the ``gn`` method: the library's 
 baseline reached the study's target: its speed-up is the fewest whole steps, or passes, to target of any
 baseline at B divided by GN's (whole steps: the outer steps taken up to the first evaluation at or below the
 target, the study analysis's count; where a side took few steps the ratio carries the analysis's resolution
-bracket, one step either way: ``speedup_steps_low`` / ``_high``, the bars of the map); its x is B over the critical batch size (the S(B) fit of its study) of
-the study's best baseline: the one with the fewest whole steps at the largest batch where a baseline reached
-the target, ties by the lower final loss (a study whose fit of it has no finite B_crit inside the fit's range is left out). The
-paper's points are placed from the numbers its text gives (``PAPER_POINTS``); nothing is fitted.
+bracket, one step either way: ``speedup_steps_low`` / ``_high``, the bars of the map); its x is B over
+the critical batch size (the S(B) fit of its study) of the study's best baseline: the one with the fewest
+whole steps at the largest batch where a baseline reached the target, ties by the lower final loss (a study
+whose fit of it has no finite B_crit inside the fit's range is left out). The paper's
+points are placed from the numbers its text gives (``PAPER_POINTS``); nothing is fitted.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def map_points(study: str, data: dict[str, Any]) -> list[dict[str, Any]]:
     of the study's best baseline, the one with the fewest steps to target at the largest batch where a
     baseline reached it (the baseline of the claims tables). One reference per study keeps x monotone in B:
     the best baseline at each B can flip between near-ties whose fits differ several-fold (``cpu-lm-batch``
-    at 64K: SOAP and Muon at 22 whole steps each; their B_crit fits differ several-fold). A study whose reference has no finite
-    B_crit inside its fit's range gives no points."""
+    at 64K: SOAP and Muon at 22 whole steps each; their B_crit fits differ several-fold). A study whose
+    reference has no finite B_crit inside its fit's range gives no points."""
     best = {(b["method"], b["batch_tokens"]): b for b in data["best"]}
 
     def rank(r: dict[str, Any]) -> tuple[float, float]:  # the analysis's best-setting order
