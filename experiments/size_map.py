@@ -5,11 +5,14 @@ tuning cost every method, from the committed results of every study (``docs/resu
 
 It reads only the files the studies wrote (``study.json``, ``runs.csv``); it runs nothing. A point of the
 map is one batch size B of one study where GN (the ``gn`` method: the library's defaults) and at least one
-baseline reached the study's target: its speed-up is the fewest (interpolated) steps, or passes, to target of
-any baseline at B divided by GN's; its x is B over the critical batch size (the S(B) fit of its study) of
-the study's best baseline: the one with the fewest steps at the largest batch where a baseline reached the
-target (a study whose fit of it has no finite B_crit inside the fit's range is left out). The
-paper's points are placed from the numbers its text gives (``PAPER_POINTS``); nothing is fitted.
+baseline reached the study's target: its speed-up is the fewest whole steps, or passes, to target of any
+baseline at B divided by GN's (whole steps: the outer steps taken up to the first evaluation at or below the
+target, the study analysis's count; where a side took few steps the ratio carries the analysis's resolution
+bracket, one step either way: ``speedup_steps_low`` / ``_high``, the bars of the map); its x is B over
+the critical batch size (the S(B) fit of its study) of the study's best baseline: the one with the fewest
+whole steps at the largest batch where a baseline reached the target, ties by the lower final loss (a study
+whose fit of it has no finite B_crit inside the fit's range is left out). The paper's
+points are placed from the numbers its text gives (``PAPER_POINTS``); nothing is fitted.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from gnopt.study.analysis import steps_ratio_bracket
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -58,19 +63,22 @@ def map_points(study: str, data: dict[str, Any]) -> list[dict[str, Any]]:
     of the study's best baseline, the one with the fewest steps to target at the largest batch where a
     baseline reached it (the baseline of the claims tables). One reference per study keeps x monotone in B:
     the best baseline at each B can flip between near-ties whose fits differ several-fold (``cpu-lm-batch``
-    at 64K: SOAP 20.4 steps, Muon 20.9; their B_crit 8K and 53K). A study whose reference has no finite
-    B_crit inside its fit's range gives no points."""
+    at 64K: SOAP and Muon at 22 whole steps each; their B_crit fits differ several-fold). A study whose
+    reference has no finite B_crit inside its fit's range gives no points."""
     best = {(b["method"], b["batch_tokens"]): b for b in data["best"]}
+
+    def rank(r: dict[str, Any]) -> tuple[float, float]:  # the analysis's best-setting order
+        return (r["steps_to_target"], _f(r.get("final_val_loss")) or math.inf)
     fits = data.get("critical_batch", {})
 
     def baselines_at(b: int) -> list[dict[str, Any]]:
         return [r for (m, bb), r in best.items() if bb == b and r["optimizer"] in BASELINES
-                and _f(r["steps_to_target_interp"]) is not None]
+                and _f(r["steps_to_target"]) is not None]
 
     reached = [b for b in data["experiment"]["batch_tokens"] if baselines_at(b)]
     if not reached:
         return []
-    ref = min(baselines_at(max(reached)), key=lambda r: r["steps_to_target_interp"])["method"]
+    ref = min(baselines_at(max(reached)), key=rank)["method"]
     fit = fits.get(ref) or {}
     b_crit = _f(fit.get("b_crit"))
     if b_crit is None or b_crit <= 0 or fit.get("bound"):
@@ -79,15 +87,17 @@ def map_points(study: str, data: dict[str, Any]) -> list[dict[str, Any]]:
     for b in data["experiment"]["batch_tokens"]:
         gn = best.get(("gn", b))
         base = baselines_at(b)
-        if gn is None or _f(gn["steps_to_target_interp"]) is None or not base:
+        if gn is None or not _f(gn["steps_to_target"]) or not base:
             continue
-        by_steps = min(base, key=lambda r: r["steps_to_target_interp"])
+        by_steps = min(base, key=rank)
+        b_steps, g_steps = by_steps["steps_to_target"], gn["steps_to_target"]
+        low, high = steps_ratio_bracket(b_steps, g_steps) or (b_steps / g_steps, b_steps / g_steps)
         passes = min(r["passes_to_target"] for r in base if _f(r["passes_to_target"]) is not None)
         out.append({
             "study": study, "batch_tokens": b, "reference_baseline": ref, "b_crit": b_crit,
             "b_over_bcrit": b / b_crit, "best_baseline": by_steps["method"],
-            "baseline_steps": by_steps["steps_to_target_interp"], "gn_steps": gn["steps_to_target_interp"],
-            "speedup_steps": by_steps["steps_to_target_interp"] / gn["steps_to_target_interp"],
+            "baseline_steps": b_steps, "gn_steps": g_steps, "speedup_steps": b_steps / g_steps,
+            "speedup_steps_low": low, "speedup_steps_high": high,
             "speedup_passes": passes / gn["passes_to_target"],
         })
     return out
@@ -95,7 +105,7 @@ def map_points(study: str, data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def tuning_rows(study: str, runs_csv: Path) -> list[dict[str, Any]]:
     """Per method and batch of a study's sweep (its first seed): settings, settings reaching the target, the
-    spread of steps to target, and the passes of the whole grid had every run stopped at the target."""
+    spread of whole steps to target, and the passes of the whole grid had every run stopped at the target."""
     with runs_csv.open(encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     seeds = [int(r.get("seed") or 0) for r in rows]  # older studies have no seed column: one seed
@@ -106,7 +116,7 @@ def tuning_rows(study: str, runs_csv: Path) -> list[dict[str, Any]]:
             groups.setdefault((r["method"], int(r["batch_tokens"])), []).append(r)
     out = []
     for (method, b), rs in groups.items():
-        steps = sorted(s for r in rs if (s := _f(r["steps_to_target_interp"])) is not None)
+        steps = sorted(s for r in rs if (s := _f(r["steps_to_target"])) is not None)
         to_target = sum(_f(r["passes_to_target"]) or _f(r["passes"]) or 0.0 for r in rs)
         best = [r for r in rs if r["selected"] == "True"]
         best_passes = _f(best[0]["passes_to_target"]) if best else None
@@ -144,8 +154,14 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         for study, _ in STUDIES:
             pts = [p for p in points if p["study"] == study]
             if pts:
-                ax.plot([p["b_over_bcrit"] for p in pts], [p[key] for p in pts], marker=markers[study],
-                        linestyle="-", label=labels[study])
+                xs, ys = [p["b_over_bcrit"] for p in pts], [p[key] for p in pts]
+                if key == "speedup_steps":  # the resolution bracket of a ratio with a few-step side
+                    yerr = [[y - p["speedup_steps_low"] for p, y in zip(pts, ys, strict=True)],
+                            [p["speedup_steps_high"] - y for p, y in zip(pts, ys, strict=True)]]
+                    ax.errorbar(xs, ys, yerr=yerr, marker=markers[study], linestyle="-", capsize=3,
+                                label=labels[study])
+                else:
+                    ax.plot(xs, ys, marker=markers[study], linestyle="-", label=labels[study])
         if key == "speedup_steps":
             for label, x_low, x_high, y in PAPER_POINTS:
                 ax.plot([x_low, x_high], [y, y], color="black", linewidth=2.5)
@@ -156,7 +172,8 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("B / B_crit of the study's best baseline")
-        ax.set_ylabel(f"GN speed-up over the best baseline ({what} to target)")
+        ax.set_ylabel(f"GN speed-up over the best baseline ({what} to target)"
+                      + (" [bar: one step either way]" if key == "speedup_steps" else ""))
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=2)  # below the panels: no point hidden
@@ -179,7 +196,8 @@ def main() -> int:
     for p in points:
         print(f"{p['study']:>13} B={p['batch_tokens']:>8} best baseline {p['best_baseline']:>5} "
               f"B/B_crit({p['reference_baseline']}) {p['b_over_bcrit']:6.2f} "
-              f"speed-up steps {p['speedup_steps']:5.2f}x "
+              f"speed-up steps {p['baseline_steps']}/{p['gn_steps']} = {p['speedup_steps']:5.2f}x "
+              f"[{p['speedup_steps_low']:.2f}-{p['speedup_steps_high']:.2f}] "
               f"passes {p['speedup_passes']:5.2f}x")
     _write_csv(RESULTS / "size-map.csv", points)
     _write_csv(RESULTS / "tuning-cost.csv", tuning)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from gnopt.optim.linearize import linearized_pass
 from gnopt.optim.problem import Batch, Dict, Problem, all_finite, dot
-from gnopt.optim.record import BWD, FWD, TANGENT, GNStepRecord
+from gnopt.optim.record import GRADIENT_PASS, LINEARIZED_PASS, GNStepRecord
 
 
 def solve_cg(p: Problem, tol: float, max_iters: int, rec: GNStepRecord) -> None:
@@ -61,7 +61,7 @@ def _mean_grad(p: Problem, batches: list[Batch], names: tuple[str, ...], rec: GN
             return loc.grad
 
         _, _, gb = linearized_pass(p.model, p.theta, x, tangent=None, wrt=names, cotangent=cot)
-        rec.passes += FWD + BWD
+        rec.passes += GRADIENT_PASS
         total += float(held["value"])
         for n in names:
             g[n].add_(gb[n], alpha=1.0 / len(batches))
@@ -78,7 +78,7 @@ def _gv(p: Problem, batches: list[Batch], names: tuple[str, ...], v: Dict, rec: 
             return p.loss.local(z0, y).hvp(u)
 
         _, _, pb = linearized_pass(p.model, p.theta, x, tangent=v, wrt=names, cotangent=cot)
-        rec.passes += FWD + TANGENT + BWD
+        rec.passes += LINEARIZED_PASS  # JVP, a second primal forward, pullback
         for n in names:
             acc[n].add_(pb[n], alpha=1.0 / len(batches))
     acc = p.mean.tensors(acc)

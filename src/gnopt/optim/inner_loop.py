@@ -33,7 +33,7 @@ from gnopt.optim.linearize import (
 )
 from gnopt.optim.losses import LocalLoss
 from gnopt.optim.problem import Block, Dict, Problem, dot, norm
-from gnopt.optim.record import BWD, FWD, TANGENT, GNStepRecord
+from gnopt.optim.record import BWD, FWD, JVP, TANGENT, GNStepRecord
 
 
 def run_inner_loop(p: Problem, rec: GNStepRecord) -> None:
@@ -132,7 +132,7 @@ def _inner_step(
     else:
         if fused is None:
             _, u = jvp(p.model, p.theta, x, delta)
-            rec.passes += FWD + TANGENT
+            rec.passes += JVP
         if first and p.warm_scale:
             u, delta = _scale_carried(p, blk, delta, u, loc, rec)
         if p.mode == "gn":

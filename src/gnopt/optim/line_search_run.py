@@ -22,7 +22,7 @@ from torch import Tensor
 from gnopt.optim.line_search import LineSearch, first_decrease, interpolated_alpha, model_alpha, select
 from gnopt.optim.linearize import call, jvp
 from gnopt.optim.problem import Batch, Dict, Problem
-from gnopt.optim.record import FWD, TANGENT, GNStepRecord
+from gnopt.optim.record import FWD, JVP, GNStepRecord
 
 
 @dataclass
@@ -135,7 +135,7 @@ def model_along(p: Problem, d: Dict, batches: list[Batch], prox_alphas: list[flo
     sums = [torch.zeros((), dtype=torch.float64) for _ in range(3 + len(prox_alphas))]
     for x, y in batches:
         z0, u = jvp(p.model, p.theta, x, d)
-        rec.passes += FWD + TANGENT
+        rec.passes += JVP
         loc = p.loss.local(z0, y)
         for k, v in enumerate((loc.value, *loc.directional(u))):
             sums[k] += v.detach().double().cpu()

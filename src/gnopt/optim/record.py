@@ -2,7 +2,18 @@
 
 Pass accounting: every model pass of a step adds its forward+backward-equivalent cost to
 ``GNStepRecord.passes`` — a forward is 1/3 of a training step (:data:`FWD`), a forward-mode tangent
-(:data:`TANGENT`) and a reverse pullback (:data:`BWD`) 2/3 each.
+(:data:`TANGENT`) and a reverse pullback (:data:`BWD`) 2/3 each. A unit is one baseline micro-batch step
+(one forward and one backward). Each call of a :mod:`gnopt.optim.linearize` primitive costs what it runs:
+
+* a primal forward (``call``, ``forward_with_graph``): :data:`FWD`;
+* a JVP (``jvp``: one forward carrying the tangent; the fused ``forward_with_graph_and_tangent`` likewise):
+  :data:`FWD` + :data:`TANGENT` = 1 (:data:`JVP`);
+* a pullback (``pullback``): :data:`BWD`, also when it stops early at a block near the output (an upper
+  bound for layerwise GN's partial backwards);
+* ``linearized_pass`` with a tangent runs a JVP, then a second primal forward with a graph, then a pullback:
+  :data:`LINEARIZED_PASS` = 2; without a tangent a forward and a pullback, 1 (:data:`GRADIENT_PASS`).
+
+``tests/test_pass_counts.py`` checks every variant's record against the model calls counted as it runs.
 """
 
 from __future__ import annotations
@@ -14,6 +25,13 @@ from typing import Any
 FWD = 1.0 / 3.0
 TANGENT = 2.0 / 3.0
 BWD = 2.0 / 3.0
+#: One JVP: a primal forward that carries the tangent.
+JVP = FWD + TANGENT
+#: ``linearize.linearized_pass`` with a tangent (CG's GN-vector product): JVP, primal forward with a graph,
+#: pullback.
+LINEARIZED_PASS = JVP + FWD + BWD
+#: ``linearize.linearized_pass`` without a tangent (a loss gradient): primal forward with a graph, pullback.
+GRADIENT_PASS = FWD + BWD
 
 
 @dataclass
