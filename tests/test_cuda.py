@@ -44,6 +44,20 @@ CUDA = torch.device("cuda")
 def _theta(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])
 
+def _cpu_and_cuda_steps(gn_cpu: GaussNewton, gn_gpu: GaussNewton, cpu_model: nn.Module, gpu_model: nn.Module,
+                        batches: list, rel: float):
+    """Three outer steps of two micro-batches each, the same on the CPU and on CUDA: after each the
+    weights agree to ``rel`` and the step sizes are equal; yields both records for further checks."""
+    for t in range(3):
+        step = batches[2 * t: 2 * t + 2]
+        rc = gn_cpu.step(iter(step))
+        rg = gn_gpu.step(iter([_to(b, CUDA) for b in step]))
+        ref = _theta(cpu_model)
+        assert float((_theta(gpu_model) - ref).abs().max() / ref.abs().max()) < rel, f"step {t}"
+        assert rg.alpha == rc.alpha
+        yield rc, rg
+
+
 
 def _to(batch: tuple[Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
     return batch[0].to(device), batch[1].to(device)
@@ -73,14 +87,8 @@ def test_gn_steps_on_cuda_equal_the_cpu_path_in_float64(case_name: str, mode: st
                                    min_ratio=0.5),
         )
 
-    gn_cpu, gn_gpu = make(cpu_model), make(gpu_model)
-    for t in range(3):
-        step = batches[2 * t: 2 * t + 2]
-        rc = gn_cpu.step(iter(step))
-        rg = gn_gpu.step(iter([_to(b, CUDA) for b in step]))
-        ref = _theta(cpu_model)
-        assert float((_theta(gpu_model) - ref).abs().max() / ref.abs().max()) < 1e-10, f"step {t}"
-        assert rg.alpha == rc.alpha and rg.rejected == rc.rejected
+    for rc, rg in _cpu_and_cuda_steps(make(cpu_model), make(gpu_model), cpu_model, gpu_model, batches, 1e-10):
+        assert rg.rejected == rc.rejected
         assert rg.ls_losses == pytest.approx(rc.ls_losses, rel=1e-10)
         assert rg.q_end == pytest.approx(rc.q_end, rel=1e-8, abs=1e-12)
 
@@ -325,14 +333,7 @@ def test_hugging_face_gn_step_on_cuda_equals_the_cpu_path(layerwise: bool) -> No
             line_search=LineSearch(kind="grid", ls_range=6, source="inner"), autocast_dtype=dtype,
         )
 
-    gn_cpu, gn_gpu = make(cpu_model), make(gpu_model)
-    for t in range(3):
-        step = batches[2 * t: 2 * t + 2]
-        rc = gn_cpu.step(iter(step))
-        rg = gn_gpu.step(iter([_to(b, CUDA) for b in step]))
-        ref = _theta(cpu_model)
-        assert float((_theta(gpu_model) - ref).abs().max() / ref.abs().max()) < 1e-6, f"step {t}"
-        assert rg.alpha == rc.alpha
+    for rc, rg in _cpu_and_cuda_steps(make(cpu_model), make(gpu_model), cpu_model, gpu_model, batches, 1e-6):
         assert rg.ls_losses == pytest.approx(rc.ls_losses, rel=1e-6)
     if torch.cuda.is_bf16_supported(including_emulation=False):
         model16 = _hf_llama().to(torch.float32).to(CUDA)
